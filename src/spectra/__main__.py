@@ -1,0 +1,5 @@
+import sys
+
+from spectra.cli import main
+
+sys.exit(main())
