@@ -1,0 +1,161 @@
+"""Gather model results from suite directories, training runs and eval result files.
+
+Everything is normalised into :class:`ModelRecord` so the tables and plots never
+care where a number came from. Sources:
+
+* a suite directory (``suite.json`` + ``models.json`` index written by ``spectra suite``);
+* a training run directory (``metrics.jsonl`` + ``checkpoints/``);
+* an eval results JSON written by ``spectra eval`` (``{"model", "family", "tasks", ...}``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spectra.errors import SpectraError
+
+FAMILY_ORDER = ["floatlm", "q8", "q6", "q4", "q3", "trilm", "bilm"]
+FAMILY_LABEL = {"floatlm": "FloatLM", "q8": "QuantLM 8", "q6": "QuantLM 6", "q4": "QuantLM 4",
+                "q3": "QuantLM 3", "trilm": "TriLM", "bilm": "BiLM"}
+
+
+@dataclass
+class ModelRecord:
+    id: str
+    family: str  # floatlm | trilm | bilm | q8 | q6 | q4 | q3
+    size: str  # size label (preset name)
+    params: int = 0
+    non_embedding: int = 0
+    size_bits: float = 0.0
+    val_loss: float | None = None
+    six_task_avg: float | None = None
+    tasks: dict = field(default_factory=dict)  # task -> {metric: value}
+    ppl: dict = field(default_factory=dict)
+    curve: dict = field(default_factory=dict)  # {"tokens": [...], "loss": [...]}
+    val_curve: dict = field(default_factory=dict)  # {"tokens": [...], "val_loss": [...]}
+    checkpoints: list = field(default_factory=list)  # [{"step", "tokens", "val_loss", "six_task_avg", ...}]
+    extra: dict = field(default_factory=dict)  # method, bits, seeds, ...
+
+    @property
+    def val_ppl(self) -> float | None:
+        return math.exp(self.val_loss) if self.val_loss is not None else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["val_ppl"] = self.val_ppl
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelRecord":
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**d)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if not path.exists():
+        return rows
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from an interrupted run
+    return rows
+
+
+def curves_from_metrics(path: Path) -> tuple[dict, dict]:
+    """(train curve, validation curve) from a training run's metrics.jsonl."""
+    train_t, train_l, val_t, val_l = [], [], [], []
+    for r in read_jsonl(path):
+        tok = r.get("tokens")
+        if tok is None:
+            continue
+        if r.get("loss") is not None and math.isfinite(r["loss"]):
+            train_t.append(tok)
+            train_l.append(r["loss"])
+        if r.get("val_loss") is not None:
+            val_t.append(tok)
+            val_l.append(r["val_loss"])
+    # A resumed run may log some steps twice: keep the last value per token count.
+    def dedupe(t, v):
+        d = dict(zip(t, v))
+        ks = sorted(d)
+        return ks, [d[k] for k in ks]
+    tt, tl = dedupe(train_t, train_l)
+    vt, vl = dedupe(val_t, val_l)
+    return {"tokens": tt, "loss": tl}, {"tokens": vt, "val_loss": vl}
+
+
+def model_sizes(model_dir: Path, family: str) -> tuple[int, int, float]:
+    """(params, non-embedding params, size in bits) of a model directory, from its config only."""
+    from spectra.bits import size_bits
+    from spectra.checkpoint import model_config_from_hf, read_config
+    from spectra.model import build_meta, param_counts
+
+    cfg = model_config_from_hf(read_config(model_dir), str(model_dir))
+    c = param_counts(build_meta(cfg))
+    return c["total"], c["non_embedding"], size_bits(c, family, cfg)
+
+
+def eval_into(rec: ModelRecord, res: dict) -> None:
+    """Merge a `spectra eval` results dict into a record."""
+    if res.get("tasks"):
+        rec.tasks.update(res["tasks"])
+    if res.get("six_task_avg") is not None:
+        rec.six_task_avg = res["six_task_avg"]
+    if res.get("val_loss") is not None:
+        rec.val_loss = res["val_loss"]
+    if res.get("ppl"):
+        rec.ppl.update(res["ppl"])
+
+
+def load_records(paths: list[str | Path]) -> list[ModelRecord]:
+    recs: list[ModelRecord] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SpectraError(f"'{p}' does not exist")
+        if (p / "models.json").exists():
+            data = json.loads((p / "models.json").read_text())
+            recs += [ModelRecord.from_dict(d) for d in data["models"]]
+        elif (p / "metrics.jsonl").exists():
+            recs.append(record_from_run(p))
+        elif p.is_file() and p.suffix == ".json":
+            res = json.loads(p.read_text())
+            fam = res.get("family", "floatlm")
+            rec = ModelRecord(id=p.stem, family=fam, size=str(res.get("size", p.stem)))
+            model = Path(res.get("model", ""))
+            if model.is_dir() and (model / "config.json").exists():
+                rec.params, rec.non_embedding, rec.size_bits = model_sizes(model, fam)
+            eval_into(rec, res)
+            recs.append(rec)
+        else:
+            raise SpectraError(f"'{p}' is not a suite directory (models.json), a training run (metrics.jsonl) "
+                               "or a results JSON from `spectra eval`")
+    return recs
+
+
+def record_from_run(run: Path, family: str | None = None, size: str | None = None) -> ModelRecord:
+    """A record from a training run directory (curves + the final checkpoint's shape)."""
+    curve, val_curve = curves_from_metrics(run / "metrics.jsonl")
+    ckpts = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else []
+    final = run / "final" if (run / "final" / "config.json").exists() else (ckpts[-1] if ckpts else None)
+    meta = {}
+    if final is not None:
+        from spectra.checkpoint import read_config
+
+        meta = read_config(final).get("spectra", {})
+    family = family or meta.get("family", "floatlm")
+    rec = ModelRecord(id=run.name, family=family, size=size or str(meta.get("preset", run.name)),
+                      curve=curve, val_curve=val_curve)
+    if final is not None:
+        rec.params, rec.non_embedding, rec.size_bits = model_sizes(final, family)
+    if val_curve["val_loss"]:
+        rec.val_loss = val_curve["val_loss"][-1]
+    return rec
