@@ -157,6 +157,18 @@ PRESETS: dict[str, Preset] = {
             float_batch_tokens=16 * 256, trilm_batch_tokens=16 * 256, spectra=False,
             notes="~11M params; CPU training, kernel and export tests",
         ),
+        # The `spectra suite --preset tiny` family: one width (256, the packed/GGUF block
+        # size) and growing depth/GLU so that three sizes train on 2 CPU cores in minutes.
+        *[
+            Preset(
+                name,
+                ModelConfig(dim=256, n_layers=layers, n_heads=4, ffn_dim=ffn, vocab_size=2048, max_seq_len=256).validate(),
+                float_lr=lr, trilm_lr=2 * lr, trilm_lr_after=1.33 * lr,
+                float_batch_tokens=16 * 256, trilm_batch_tokens=16 * 256, spectra=False,
+                notes="suite `tiny` size",
+            )
+            for name, layers, ffn, lr in [("tiny1", 1, 512, 3e-3), ("tiny2", 2, 768, 2.5e-3), ("tiny3", 4, 768, 2e-3)]
+        ],
     ]
 }
 
