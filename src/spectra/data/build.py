@@ -1,0 +1,415 @@
+"""``build_dataset``: corpus -> tokenizer + flat token shards + manifest (``spectra data build``).
+
+Pipeline: a reader thread parses documents (files / HF streaming / demo corpus),
+assigns each to train or validation by a keyed hash of its text, and hands batches to
+the main thread, which tokenizes them with ``Tokenizer.encode_batch_fast`` (Rust,
+parallel over ``num_workers`` threads, GIL released, so reading overlaps encoding),
+appends EOS after every document and streams ids into bounded shards while hashing
+them. Everything is written into a temporary sibling directory that replaces
+``out_dir`` only when complete, under a lock, so an interrupted build leaves the
+previous build intact and no half-written shard is ever listed in a manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from spectra.errors import SpectraError
+from spectra.fsutil import atomic_dir, atomic_write_json
+from spectra.data import manifest as mf
+from spectra.data.sources import Source, open_source
+from spectra.data.tokenizer import (TOKENIZER_FILE, file_hash, find_eos, load_tokenizer, resolve_tokenizer_file, train_bpe,
+                                    vocab_size_of, word_like_special_tokens)
+
+DEFAULT_SHARD_TOKENS = 1 << 27  # 128M tokens = 256 MiB of uint16 per shard
+DEFAULT_VAL_FRACTION = 0.01
+DEFAULT_VAL_FRACTION_DEMO = 0.05
+DEFAULT_BPE_VOCAB = 8192
+DEFAULT_BPE_MAX_BYTES = 256 << 20  # BPE statistics from the first 256 MiB of training text
+BATCH_DOCS = 2048
+BATCH_BYTES = 4 << 20
+
+
+def is_validation(text_bytes: bytes, seed: int, val_fraction: float) -> bool:
+    """Split by document content: a keyed hash, so the split is fixed by (seed, text),
+    needs no document count, and duplicates of a validation document are never in train."""
+    if val_fraction <= 0:
+        return False
+    h = hashlib.blake2b(text_bytes, digest_size=8, key=int(seed).to_bytes(8, "little", signed=True))
+    return int.from_bytes(h.digest(), "little") < val_fraction * 2.0**64
+
+
+def _utf8(doc: str, counter: list) -> tuple[str, bytes]:
+    try:
+        return doc, doc.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800": replace and count
+        b = doc.encode("utf-8", errors="replace")
+        counter[0] += sum(1 for c in doc if "\ud800" <= c <= "\udfff")
+        return b.decode("utf-8"), b
+
+
+class ShardWriter:
+    """Append ids to ``{split}-NNNNN.bin`` files of at most ``shard_tokens`` tokens, hashing as it goes."""
+
+    def __init__(self, directory: Path, split: str, dtype, shard_tokens: int):
+        self.dir, self.split, self.dtype, self.shard_tokens = directory, split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict] = []
+        self.f = None
+        self.n = 0
+        self.h = None
+        self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while ids.size:
+            if self.f is None:
+                name = f"{self.split}-{len(self.shards):05d}.bin"
+                self.f = open(self.dir / name, "wb")
+                self.h, self.n = hashlib.blake2b(digest_size=16), 0
+                self.shards.append({"file": name})
+            part = ids[: self.shard_tokens - self.n]
+            b = part.tobytes()
+            self.f.write(b)
+            self.h.update(b)
+            self.n += part.size
+            self.tokens += part.size
+            ids = ids[part.size:]
+            if self.n == self.shard_tokens:
+                self._finish()
+
+    def _finish(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.shards[-1].update(tokens=self.n, blake2b=self.h.hexdigest())
+        self.f = None
+
+    def close(self) -> list[dict]:
+        if self.f is not None:
+            self._finish()
+        return self.shards
+
+
+@contextlib.contextmanager
+def _lock(out_dir: Path):
+    """Serialize builds of one directory (e.g. every rank of a job calling build_dataset)."""
+    import fcntl
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _parallelism(num_workers: int):
+    """encode_batch parallelism: rayon threads (sized once per process by RAYON_NUM_THREADS)."""
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if num_workers > 1 else "false"
+    if num_workers > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_workers))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _reader(src, seed: int, val_fraction: float, q: queue.Queue, stop: threading.Event, surrogates: list):
+    """Producer thread: batches of (docs, is_val flags, utf-8 sizes)."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        docs, flags, sizes, nbytes = [], [], [], 0
+        for doc in src:
+            doc, b = _utf8(doc, surrogates)
+            docs.append(doc)
+            flags.append(is_validation(b, seed, val_fraction))
+            sizes.append(len(b))
+            nbytes += len(b)
+            if len(docs) >= BATCH_DOCS or nbytes >= BATCH_BYTES:
+                if not put((docs, flags, sizes)):
+                    return
+                docs, flags, sizes, nbytes = [], [], [], 0
+        if docs:
+            put((docs, flags, sizes))
+        put(None)
+    except BaseException as e:  # re-raised in the main thread
+        put(e)
+
+
+class _TrainDocs:
+    """Train-split documents for BPE training (up to ``max_bytes``). Small corpora are kept in
+    memory on the way (all documents, in order, up to ``CACHE_BYTES``) so the encoding pass
+    does not read -- or parse, or stream from the Hub -- the source a second time."""
+
+    CACHE_BYTES = 256 << 20
+
+    def __init__(self, src: Source, seed: int, val_fraction: float, max_bytes: int, surrogates: list):
+        self.src, self.seed, self.val_fraction, self.max_bytes = src, seed, val_fraction, max_bytes
+        self.surrogates = surrogates
+        self.cache: list[str] | None = []
+        self.complete = False
+
+    def __iter__(self):
+        n = cached = 0
+        self.surrogates[0] = 0
+        for doc in self.src:
+            doc, b = _utf8(doc, self.surrogates)
+            if self.cache is not None:
+                self.cache.append(doc)
+                cached += len(b)
+                if cached > self.CACHE_BYTES:
+                    self.cache = None
+            if is_validation(b, self.seed, self.val_fraction):
+                continue
+            yield doc
+            n += len(b)
+            if n >= self.max_bytes:
+                return
+        self.complete = True
+
+    def documents(self):
+        """The cached documents if the whole source was read and fit, else None."""
+        return self.cache if self.complete and self.cache is not None else None
+
+
+def build_dataset(
+    source,
+    out_dir,
+    tokenizer=None,
+    vocab_size: int = DEFAULT_BPE_VOCAB,
+    text_field: str = "text",
+    val_fraction: float | None = None,
+    seed: int = 0,
+    num_workers: int = 2,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    txt_unit: str = "paragraph",
+    on_bad: str = "fail",
+    max_docs: int | None = None,
+    max_tokens: int | None = None,
+    hf_split: str = "train",
+    hf_data_files=None,
+    hf_revision: str | None = None,
+    dtype: str = "auto",
+    mp: int = 1,
+    eos_token: str | None = None,
+    bpe_max_bytes: int = DEFAULT_BPE_MAX_BYTES,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Tokenize ``source`` into ``out_dir`` (see module doc and docs/data.md); returns ``out_dir``.
+
+    ``source``: a file or directory path, ``"hf:NAME[:CONFIG]"`` or ``"default"``.
+    ``tokenizer``: a tokenizer.json (or a directory holding one); ``None`` or
+    ``"train-bpe"`` trains a byte-level BPE of ``vocab_size`` on the train split.
+    A re-run with identical inputs returns at once (``force=True`` rebuilds).
+    """
+    log = log or (lambda m: print(m, file=sys.stderr) if progress else None)
+    out_dir = Path(out_dir)
+    if val_fraction is None:  # the demo corpus is small: hold out more of it for a usable validation loss
+        val_fraction = DEFAULT_VAL_FRACTION_DEMO if str(source) == "default" else DEFAULT_VAL_FRACTION
+    if not 0 <= val_fraction < 1:
+        raise SpectraError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0:
+        raise SpectraError(f"shard_tokens must be positive, got {shard_tokens}")
+    if dtype not in ("auto", "uint16", "uint32"):
+        raise SpectraError(f"dtype must be auto, uint16 or uint32, got {dtype!r}")
+    if num_workers < 1:
+        raise SpectraError(f"num_workers must be >= 1, got {num_workers}")
+    src = open_source(source, text_field=text_field, txt_unit=txt_unit, on_bad=on_bad, max_docs=max_docs,
+                      hf_split=hf_split, hf_data_files=hf_data_files, hf_revision=hf_revision)
+    train_bpe_mode = tokenizer is None or str(tokenizer) == "train-bpe"
+    tok_file = None if train_bpe_mode else resolve_tokenizer_file(tokenizer)
+    key_obj = {
+        "format": [mf.FORMAT, mf.VERSION], "source": src.identity(),
+        "tokenizer": {"train_bpe": vocab_size, "bpe_max_bytes": bpe_max_bytes} if train_bpe_mode else file_hash(tok_file),
+        "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "dtype": dtype, "mp": mp,
+        "eos_token": eos_token, "max_docs": max_docs, "max_tokens": max_tokens, "on_bad": on_bad,
+    }
+    build_key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
+
+    with _lock(out_dir):
+        if out_dir.exists() and not force:
+            if (out_dir / mf.MANIFEST).is_file():
+                try:
+                    m = mf.read_manifest(out_dir)
+                    if m.get("build_key") == build_key:
+                        for split in mf.SPLITS:
+                            mf.verify_split(out_dir, m, split)
+                        log(f"{out_dir}: up to date (same inputs, shards verified); nothing to do")
+                        return out_dir
+                    log(f"{out_dir}: inputs changed; rebuilding")
+                except SpectraError as e:
+                    log(f"{out_dir}: existing build is not valid ({e}); rebuilding")
+            elif any(out_dir.iterdir()):
+                raise SpectraError(f"output directory {out_dir} exists, is not empty and has no {mf.MANIFEST}; "
+                                   f"refusing to replace it (choose another --out)")
+        t0 = time.perf_counter()
+        with atomic_dir(out_dir) as tmp, _parallelism(num_workers):
+            m = _build_into(tmp, src, tok_file, vocab_size, val_fraction, seed, shard_tokens, dtype, mp, eos_token,
+                            max_tokens, bpe_max_bytes, progress, log)
+            m["build_key"] = build_key
+            atomic_write_json(tmp / mf.MANIFEST, m)
+        # the content hashes were just computed: stamp them so the next open can skip re-hashing
+        mf.write_stamps(out_dir, {s["file"]: s["blake2b"] for sp in mf.SPLITS for s in m["splits"][sp]["shards"]})
+    tr, va = m["splits"]["train"], m["splits"]["validation"]
+    log(f"{out_dir}: {tr['documents'] + va['documents']} documents, train {tr['tokens']:,} tokens, "
+        f"validation {va['tokens']:,} tokens, {m['dtype']}, in {time.perf_counter() - t0:.1f}s")
+    return out_dir
+
+
+def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed, shard_tokens, dtype, mp,
+                eos_token, max_tokens, bpe_max_bytes, progress, log) -> dict:
+    from spectra.config import padded_vocab
+
+    surrogates = [0]  # lone surrogates replaced (counted once, by whichever pass reads the source last)
+    if tok_file is None:
+        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on the train split")
+        t = time.perf_counter()
+        train_docs = _TrainDocs(src, seed, val_fraction, bpe_max_bytes, surrogates)
+        tok = train_bpe(train_docs, vocab_size)
+        cached = train_docs.documents()
+        if src.stats.documents == 0:
+            raise SpectraError(_empty_msg(src))
+        (tmp / TOKENIZER_FILE).write_text(tok.to_str(), encoding="utf-8")
+        log(f"  BPE trained in {time.perf_counter() - t:.1f}s: {tok.get_vocab_size()} entries")
+        origin = {"trained": True, "kind": "byte-level BPE", "requested_vocab": vocab_size,
+                  "trained_on": "train split", "max_bytes": bpe_max_bytes}
+    else:
+        shutil.copyfile(tok_file, tmp / TOKENIZER_FILE)
+        tok = load_tokenizer(tmp / TOKENIZER_FILE)
+        origin = {"trained": False, "path": str(Path(tok_file).resolve())}
+        cached = None
+    eos_id, eos_name = find_eos(tok, eos_token)
+    hijack = word_like_special_tokens(tok)
+    if hijack:
+        log(f"  warning: special tokens {hijack} look like ordinary words and will be matched inside text "
+            f"(e.g. 'assistants' -> 'assistant' + 's'); decode with skip_special_tokens=False")
+    vocab = vocab_size_of(tok)
+    if dtype == "auto":
+        dtype = "uint16" if vocab <= 1 << 16 else "uint32"
+    limit = np.iinfo(dtype).max
+    if vocab - 1 > limit:
+        raise SpectraError(f"tokenizer {tok_file or 'trained BPE'} has ids up to {vocab - 1}, which do not fit "
+                           f"{dtype} (max {limit}); use dtype uint32 / --dtype auto")
+
+    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in mf.SPLITS}
+    docs_n = {s: 0 for s in mf.SPLITS}
+    bytes_n = {s: 0 for s in mf.SPLITS}
+    q: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+    if cached is None:
+        surrogates[0] = 0
+    # the reader thread iterates the source (or the documents the BPE pass kept; src.stats then
+    # already hold the counts of that complete pass)
+    th = threading.Thread(target=_reader, args=(src if cached is None else cached, seed, val_fraction, q, stop, surrogates), daemon=True)
+    from tqdm import tqdm
+
+    bar = tqdm(desc="tokenize", unit="doc", disable=not progress, mininterval=0.5, dynamic_ncols=True)
+    total_tokens, total_bytes, truncated = 0, 0, False
+    t0 = time.perf_counter()
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            docs, flags, sizes = item
+            encs = tok.encode_batch_fast(docs, add_special_tokens=False)
+            lens = np.fromiter((len(e.ids) + 1 for e in encs), np.int64, len(encs))
+            if max_tokens is not None and total_tokens + int(lens.sum()) >= max_tokens:
+                keep = int(np.searchsorted(np.cumsum(lens), max_tokens - total_tokens, side="left")) + 1
+                encs, flags, lens, sizes, truncated = encs[:keep], flags[:keep], lens[:keep], sizes[:keep], True
+            for split, want in (("train", False), ("validation", True)):
+                sel = [e.ids for e, f in zip(encs, flags) if f == want]
+                if not sel:
+                    continue
+                ids = np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in sel), np.int64,
+                                  int(sum(len(x) + 1 for x in sel)))
+                if ids.size and int(ids.max()) > limit:
+                    raise SpectraError(f"token id {int(ids.max())} does not fit {dtype} (max {limit}); "
+                                       f"tokenizer {tok_file or 'trained BPE'} needs --dtype uint32")
+                writers[split].write(ids.astype(dtype))
+                docs_n[split] += len(sel)
+                bytes_n[split] += sum(n for n, f in zip(sizes, flags) if f == want)
+            total_tokens += int(lens.sum())
+            total_bytes += sum(sizes)
+            bar.update(len(encs))
+            dt = max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{total_bytes / dt / 1e6:.1f} MB/s, {total_tokens / 1e6:.2f}M tokens", refresh=False)
+            if truncated:
+                break
+    finally:
+        stop.set()
+        bar.close()
+        th.join(timeout=5)
+    if docs_n["train"] + docs_n["validation"] == 0:
+        raise SpectraError(_empty_msg(src))
+    if docs_n["train"] == 0:
+        raise SpectraError(f"all {docs_n['validation']} documents landed in the validation split "
+                           f"(val_fraction={val_fraction}); lower val_fraction or add documents")
+    stats = src.stats.to_dict()
+    stats["replaced_chars"] += surrogates[0]
+    if stats["bad_records"]:
+        log(f"  skipped {stats['bad_records']} bad records; first: {stats['offenders'][:3]}")
+    if stats["replaced_chars"]:
+        log(f"  replaced {stats['replaced_chars']} undecodable bytes/characters with U+FFFD")
+    if val_fraction > 0 and docs_n["validation"] == 0:
+        log(f"  warning: no document landed in the validation split (val_fraction={val_fraction}, "
+            f"{docs_n['train']} documents)")
+    man = {
+        "format": mf.FORMAT,
+        "version": mf.VERSION,
+        "source": src.describe(),
+        "read": stats,
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": file_hash(tmp / TOKENIZER_FILE), "vocab_size": vocab,
+                      "word_like_special_tokens": hijack,
+                      "padded_vocab": padded_vocab(vocab, mp), "mp": mp, "eos_id": eos_id, "eos_token": eos_name,
+                      **origin},
+        "dtype": dtype,
+        "document_separator": "eos after every document",
+        "split": {"method": "blake2b(document utf-8, key=seed) / 2^64 < val_fraction", "seed": seed,
+                  "val_fraction": val_fraction},
+        "limits": {"max_docs": src.max_docs, "max_tokens": max_tokens, "truncated": truncated},
+        "shard_tokens": shard_tokens,
+        "splits": {s: {"documents": docs_n[s], "tokens": writers[s].tokens, "bytes": bytes_n[s],
+                       "shards": writers[s].close()} for s in mf.SPLITS},
+    }
+    man["fingerprint"] = mf.content_fingerprint(man)
+    return man
+
+
+def _empty_msg(src: Source) -> str:
+    st = src.stats
+    desc = src.describe()["description"]
+    return (f"empty corpus: {desc} yielded no documents ({st.empty_documents} blank, {st.bad_records} bad records"
+            + (f", {len(st.skipped_files)} files of unknown type skipped" if st.skipped_files else "") + ")")
