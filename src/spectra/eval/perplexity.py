@@ -1,0 +1,151 @@
+"""Perplexity of raw text (sliding window) and validation loss on token shards.
+
+Sliding window (the Hugging Face "perplexity of fixed-length models" recipe, with
+lm-eval's convention for the first token): the text is tokenized once, the prefix
+token (BOS/EOS) is put in front, and every token is predicted exactly once. Targets
+advance ``stride`` tokens at a time; each chunk is scored with as much preceding
+context as fits in ``seq_len`` input tokens. ``stride == seq_len`` is lm-eval's
+``loglikelihood_rolling`` (disjoint windows, cheapest); a smaller stride gives every
+token more context (lower perplexity, ``seq_len / stride`` times the compute).
+
+Reported per file: tokens, UTF-8 bytes, total NLL (nats), NLL per token, perplexity
+``exp(NLL / tokens)`` and bits per byte ``NLL / (ln 2 * bytes)`` (tokenizer-independent).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from spectra.errors import SpectraError
+from spectra.eval import engine
+
+
+def window_requests(ids: list[int], prefix_token: int, seq_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) token pairs covering ``ids`` once each (see module doc)."""
+    if stride < 1 or stride > seq_len:
+        raise SpectraError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    t = [prefix_token] + list(ids)
+    reqs, a = [], 1
+    while a < len(t):
+        b = min(a + stride, len(t))
+        c = max(0, b - 1 - seq_len)
+        reqs.append((t[c:a], t[a:b]))
+        a = b
+    return reqs
+
+
+def _loaded(ckpt_or_model, tokenizer):
+    from spectra.eval.loading import Loaded, load_for_eval
+
+    if isinstance(ckpt_or_model, Loaded):
+        return ckpt_or_model
+    return load_for_eval(ckpt_or_model, tokenizer=tokenizer)
+
+
+def perplexity(ckpt_or_model, files, seq_len: int | None = None, stride: int | None = None, *, tokenizer=None,
+               batch_size: int = 8, max_tokens: int | None = None, progress: bool = True) -> dict:
+    """{file: {tokens, bytes, nll, nll_per_token, ppl, bits_per_byte, seq_len, stride}} for raw text files."""
+    ld = _loaded(ckpt_or_model, tokenizer)
+    seq_len = int(seq_len or ld.max_length)
+    if seq_len > ld.max_length:
+        raise SpectraError(f"seq_len {seq_len} exceeds the model's context length {ld.max_length}")
+    stride = int(stride or seq_len)
+    prefix = ld.bos_token_id if ld.bos_token_id is not None else ld.eos_token_id
+    out = {}
+    for f in [files] if isinstance(files, (str, Path)) else files:
+        p = Path(f)
+        if not p.is_file():
+            raise SpectraError(f"--ppl file '{p}' not found (expected a UTF-8 text file)")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SpectraError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        ids = ld.tokenizer.encode(text, add_special_tokens=False)
+        if max_tokens:
+            ids = ids[: int(max_tokens)]
+            text = ld.tokenizer.decode(ids)  # bytes of what was scored, for bits/byte
+        if not ids:
+            raise SpectraError(f"{p}: no tokens (empty text)")
+        reqs = window_requests(ids, int(prefix), seq_len, stride)
+        bar = tqdm(total=len(reqs), desc=f"ppl {p.name}", unit="win", disable=not progress)
+        res = engine.score(ld.model, reqs, max_length=seq_len, batch_size=batch_size,
+                           max_batch_tokens=max(seq_len * batch_size, seq_len), pbar=bar)
+        bar.close()
+        nll = -sum(ll for ll, _ in res)
+        nbytes = len(text.encode("utf-8"))
+        out[str(f)] = {"tokens": len(ids), "bytes": nbytes, "nll": nll, "nll_per_token": nll / len(ids),
+                       "ppl": math.exp(nll / len(ids)), "bits_per_byte": nll / (math.log(2) * nbytes),
+                       "seq_len": seq_len, "stride": stride}
+    return out
+
+
+def read_token_shards(data_dir: str | Path) -> list[np.ndarray]:
+    """Token arrays of a shard directory (memory-mapped).
+
+    Uses the data package's reader when present; otherwise reads ``*.npy`` files, or
+    raw ``*.bin`` files whose dtype (uint16/uint32) is given by a ``*.json`` manifest
+    next to them (key ``dtype``; default uint16 when the vocabulary fits).
+    """
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise SpectraError(f"validation data '{d}' is not a directory of token shards")
+    try:  # the data package's own reader, once it exists
+        from spectra.data import shards as _sh  # type: ignore
+
+        reader = getattr(_sh, "open_shards", None) or getattr(_sh, "read_shards", None)
+        if reader is not None:
+            arrs = reader(d)
+            return [np.asarray(a) for a in (arrs if isinstance(arrs, (list, tuple)) else [arrs])]
+    except ImportError:
+        pass
+    npys = sorted(d.glob("*.npy"))
+    if npys:
+        return [np.load(p, mmap_mode="r") for p in npys]
+    bins = sorted(d.glob("*.bin"))
+    if not bins:
+        raise SpectraError(f"'{d}' holds no token shards (*.npy, or *.bin with a JSON manifest giving 'dtype')")
+    dtype = "uint16"
+    for m in sorted(d.glob("*.json")):
+        try:
+            meta = json.loads(m.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32", "int32"):
+            dtype = meta["dtype"]
+            break
+    return [np.memmap(p, dtype=dtype, mode="r") for p in bins]
+
+
+def validation_loss(model, data_dir, seq_len: int = 512, max_windows: int | None = 64, *, batch_size: int = 8,
+                    progress: bool = True) -> float:
+    """Mean next-token cross-entropy (nats) over the first ``max_windows`` disjoint windows of the shards.
+
+    Each window has ``seq_len + 1`` tokens (``seq_len`` predictions), taken in order from
+    the concatenated shards, as a training loader's held-out split would be scored.
+    """
+    m = getattr(model, "model", model)  # a Loaded or a bare Transformer
+    shards = read_token_shards(data_dir)
+    vocab = m.lm_head.weight.shape[0] if hasattr(m, "lm_head") else None
+    reqs = []
+    for a in shards:
+        n = (len(a) - 1) // seq_len
+        for w in range(n):
+            win = np.asarray(a[w * seq_len : (w + 1) * seq_len + 1]).astype(np.int64).tolist()
+            reqs.append((win[:1], win[1:]))
+            if max_windows and len(reqs) >= max_windows:
+                break
+        if max_windows and len(reqs) >= max_windows:
+            break
+    if not reqs:
+        raise SpectraError(f"'{data_dir}': fewer than {seq_len + 1} tokens; nothing to score")
+    if vocab is not None and max(max(c) for _, c in reqs) >= vocab:
+        raise SpectraError(f"'{data_dir}': token ids exceed the model vocabulary ({vocab}); wrong tokenizer/shards?")
+    bar = tqdm(total=len(reqs), desc="val loss", unit="win", disable=not progress)
+    res = engine.score(m, reqs, max_length=seq_len, batch_size=batch_size, max_batch_tokens=seq_len * batch_size, pbar=bar)
+    bar.close()
+    return -sum(ll for ll, _ in res) / (len(reqs) * seq_len)
