@@ -1,0 +1,78 @@
+"""spectra generate: text from a packed TriLM (native kernel) or any checkpoint (PyTorch)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text (packed TriLM: native engine; any checkpoint: PyTorch)")
+    p.add_argument("checkpoint", help="packed directory (spectra pack) or model directory")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="prompt text (needs tokenizer.json in the directory)")
+    g.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
+    p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avx512"],
+                   help="native code path (default: $SPECTRA_KERNEL or the best the CPU supports)")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all available cores)")
+    p.add_argument("--max-len", type=int, default=None, help="context length to allocate (default: the model's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of a packed file")
+    p.add_argument("--json", action="store_true", help="print a JSON record (text, ids, speeds) instead of streaming")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from spectra.checkpoint import read_config
+    from spectra.errors import SpectraError
+    from spectra.infer.engine import load_engine
+    from spectra.infer.generate import generate, load_tokenizer
+    from spectra.infer.packed_model import PACKED_JSON, is_packed_dir
+    from spectra.infer.sampling import SamplingConfig
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise SpectraError(f"'{path}' does not exist")
+    if is_packed_dir(path):
+        meta = json.loads((path / PACKED_JSON).read_text())
+        eos = meta.get("eos_token_id")
+    else:
+        eos = read_config(path).get("eos_token_id")
+    tok = load_tokenizer(path)
+    if args.prompt is not None:
+        if tok is None:
+            raise SpectraError(f"{path} has no tokenizer.json; use --prompt-ids")
+        ids = tok.encode(args.prompt).ids
+    else:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise SpectraError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    max_len = args.max_len or None
+    engine = load_engine(path, args.backend, max_len=max_len, n_threads=args.threads, kernel=args.kernel,
+                         verify=not args.no_verify)
+    try:
+        out = (lambda s: None) if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        res = generate(engine, ids, args.max_new_tokens, sampling, tok, args.stop,
+                       None if args.ignore_eos else eos, on_text=out)
+        if tok is None and not args.json:
+            print(",".join(map(str, res.tokens)), end="")
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps({"text": res.text, "tokens": res.tokens, "prompt_tokens": res.prompt_tokens,
+                          "stop_reason": res.stop_reason, "prefill_tok_s": res.prefill_tps,
+                          "decode_tok_s": res.decode_tps, "engine": engine.describe()}))
+    else:
+        print()
+        print(f"[{engine.describe()}] {res.summary()}", file=sys.stderr)
+    return 0

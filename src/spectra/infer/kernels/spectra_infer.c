@@ -1,0 +1,407 @@
+/*
+ * spectra_infer.c - native CPU engine for packed ternary (TriLM) models.
+ *
+ * Plain C11 + pthreads, no torch ABI. Compiled once per (source hash, compiler,
+ * flags) by spectra/infer/kernels/build.py into a per-user cache and loaded with
+ * ctypes. One binary serves every x86-64 CPU: the ISA-specific code is compiled
+ * with function-level target attributes and chosen at run time with cpuid
+ * (__builtin_cpu_supports), so the build machine's ISA is never assumed.
+ *
+ * Paths (forward.inc is instantiated once per path):
+ *   scalar  portable C (any CPU, any architecture)
+ *   avx2    AVX2 + FMA + F16C: maddubs on 2-bit / base-3 trits (llama.cpp style)
+ *   avx512  AVX2 code with AVX512-VNNI (256-bit vpdpbusd) for the ternary dots
+ *
+ * Numerics: activations entering a ternary matrix (and the q8 head) are quantized
+ * to int8 per 256-value block (scale = absmax/127, round half to even), exactly as
+ * the Python reference spectra.infer.engine.quantize_activations does; the dot is
+ * exact in int32 per block, then scaled in fp32. Everything else (norms, RoPE,
+ * attention, SwiGLU, f16 head) is fp32.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SPX_X86 1
+#endif
+
+#define QK 256          /* weights per block along K (both formats) */
+#define T2_BLOCK 64     /* bytes per block: 256 x 2 bits */
+#define T1_BLOCK 52     /* bytes per block: 160 + 80 trits at 5/byte, 16 at 4/byte */
+#define MAX_NB 1024     /* K <= 262144 */
+
+typedef struct {
+    const uint8_t *w;     /* rows x row_bytes packed trits */
+    const float *gamma;   /* [mp] per-shard scale */
+    int32_t rows, k, kp;  /* kp: padded K (each shard segment padded to a multiple of 256) */
+    int32_t mp, split;    /* split 0: column-parallel (rows sharded), 1: row-parallel (K sharded) */
+    int32_t fmt;          /* 2: t2, 1: t1 */
+    int32_t row_bytes;
+} spx_mat;
+
+typedef struct {
+    spx_mat q, k, v, o, gate, up, down;
+    const float *attn_norm, *ffn_norm;
+} spx_layer;
+
+typedef struct {
+    int32_t dim, n_layers, n_heads, head_dim, ffn, vocab;
+    float norm_eps, pad0;
+    const uint16_t *embed;     /* f16 [vocab, dim] */
+    const float *final_norm;   /* [dim] */
+    int32_t head_fmt, head_kp; /* 0: f16, 1: q8 (int8 rows + fp32 scale per row) */
+    const void *head;
+    const float *head_scale;
+    const spx_layer *layers;
+    const float *rope_cos, *rope_sin; /* [rope_len, head_dim] */
+    int32_t rope_len, pad1;
+} spx_model;
+
+/* ------------------------------------------------------------------ thread pool */
+typedef struct spx_pool {
+    int n;
+    pthread_t *th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    long gen;
+    int stop;
+    void (*fn)(void *, int);
+    void *arg;
+    atomic_int pending;
+    atomic_int bar_count;
+    atomic_int bar_gen;
+} spx_pool;
+
+static inline void cpu_relax(void) {
+#ifdef SPX_X86
+    _mm_pause();
+#endif
+}
+
+typedef struct { spx_pool *p; int tid; } worker_arg;
+
+static void *worker_main(void *a_) {
+    worker_arg *a = (worker_arg *)a_;
+    spx_pool *p = a->p;
+    int tid = a->tid;
+    long seen = 0;
+    free(a);
+    for (;;) {
+        pthread_mutex_lock(&p->mu);
+        while (p->gen == seen && !p->stop) pthread_cond_wait(&p->cv, &p->mu);
+        if (p->stop) { pthread_mutex_unlock(&p->mu); return NULL; }
+        seen = p->gen;
+        void (*fn)(void *, int) = p->fn;
+        void *arg = p->arg;
+        pthread_mutex_unlock(&p->mu);
+        fn(arg, tid);
+        atomic_fetch_sub(&p->pending, 1);
+    }
+}
+
+static spx_pool *pool_new(int n) {
+    spx_pool *p = calloc(1, sizeof(*p));
+    p->n = n < 1 ? 1 : n;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    p->th = calloc((size_t)p->n, sizeof(pthread_t));
+    for (int i = 1; i < p->n; i++) {
+        worker_arg *a = malloc(sizeof(*a));
+        a->p = p; a->tid = i;
+        pthread_create(&p->th[i], NULL, worker_main, a);
+    }
+    return p;
+}
+
+static void pool_free(spx_pool *p) {
+    if (!p) return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
+    free(p->th);
+    free(p);
+}
+
+/* Run fn(arg, tid) on every thread (the caller is tid 0) and wait for all. */
+static void pool_run(spx_pool *p, void (*fn)(void *, int), void *arg) {
+    if (p->n == 1) { fn(arg, 0); return; }
+    atomic_store(&p->pending, p->n - 1);
+    pthread_mutex_lock(&p->mu);
+    p->fn = fn; p->arg = arg; p->gen++;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    fn(arg, 0);
+    int spins = 0;
+    while (atomic_load(&p->pending) > 0) { if (++spins > 4000) sched_yield(); else cpu_relax(); }
+}
+
+/* Sense-counting spin barrier; yields after a while so an oversubscribed machine still progresses. */
+static void pool_barrier(spx_pool *p) {
+    if (p->n == 1) return;
+    int g = atomic_load(&p->bar_gen);
+    if (atomic_fetch_add(&p->bar_count, 1) == p->n - 1) {
+        atomic_store(&p->bar_count, 0);
+        atomic_fetch_add(&p->bar_gen, 1);
+    } else {
+        int spins = 0;
+        while (atomic_load(&p->bar_gen) == g) { if (++spins > 4000) sched_yield(); else cpu_relax(); }
+    }
+}
+
+static inline void split_range(int n, int tid, int nth, int *lo, int *hi) {
+    int per = n / nth, rem = n % nth;
+    *lo = tid * per + (tid < rem ? tid : rem);
+    *hi = *lo + per + (tid < rem);
+}
+
+/* ------------------------------------------------------------------ helpers */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
+    if (e == 0) {
+        if (m == 0) f = sign;
+        else {
+            e = 113;
+            while (!(m & 0x400)) { m <<= 1; e--; }
+            f = sign | (e << 23) | ((m & 0x3ff) << 13);
+        }
+    } else if (e == 31) f = sign | 0x7f800000u | (m << 13);
+    else f = sign | ((e + 112) << 23) | (m << 13);
+    float r;
+    memcpy(&r, &f, 4);
+    return r;
+}
+
+/* digit k (0 = most significant) of a base-3 byte stored as ceil(v * 256 / 3^n) */
+static inline int t1_digit(uint8_t b, int k) {
+    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    uint8_t t = (uint8_t)(b * pow3[k]);
+    return ((uint16_t)t * 3) >> 8;
+}
+
+/* Decode one 256-weight block to codes q+1 in {0,1,2} (scalar, both formats). */
+static void decode_block_scalar(int fmt, const uint8_t *w, uint8_t *out) {
+    if (fmt == 2) {
+        for (int c = 0; c < 2; c++)
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 32; j++) out[c * 128 + i * 32 + j] = (w[c * 32 + j] >> (2 * i)) & 3;
+    } else {
+        for (int k = 0; k < 5; k++)
+            for (int j = 0; j < 32; j++) out[k * 32 + j] = (uint8_t)t1_digit(w[j], k);
+        for (int k = 0; k < 5; k++)
+            for (int j = 0; j < 16; j++) out[160 + k * 16 + j] = (uint8_t)t1_digit(w[32 + j], k);
+        for (int k = 0; k < 4; k++)
+            for (int j = 0; j < 4; j++) out[240 + k * 4 + j] = (uint8_t)t1_digit(w[48 + j], k);
+    }
+}
+
+typedef struct spx_state {
+    const spx_model *m;
+    int kernel, max_t, max_len, n_threads, pos, act_levels;
+    spx_pool *pool;
+    float *x, *xn, *q, *kk, *v, *att, *g, *u, *h, *scores;
+    int8_t *xq;
+    float *xd;
+    int32_t *xs;
+    float *kcache, *vcache; /* [layers][heads][max_len][head_dim] */
+    int max_kp, max_nb;
+    /* current job */
+    const int32_t *tokens;
+    int T, p0, all_logits;
+    float *logits;
+} spx_state;
+
+/* ------------------------------------------------------------------ per-ISA code */
+#define SFX(name) name##_scalar
+#include "forward.inc"
+#undef SFX
+
+#ifdef SPX_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#define SPX_AVX2 1
+#define SFX(name) name##_avx2
+#include "forward.inc"
+#undef SFX
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512vnni")
+#define SPX_VNNI 1
+#define SFX(name) name##_avx512
+#include "forward.inc"
+#undef SFX
+#undef SPX_VNNI
+#undef SPX_AVX2
+#pragma GCC pop_options
+#endif
+
+/* ------------------------------------------------------------------ public API */
+enum { K_AUTO = 0, K_SCALAR = 1, K_AVX2 = 2, K_AVX512 = 3 };
+
+int spx_cpu_supports(int kernel) {
+    if (kernel == K_SCALAR) return 1;
+#ifdef SPX_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (kernel == K_AVX2) return avx2;
+    if (kernel == K_AVX512)
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#endif
+    return 0;
+}
+
+int spx_best_kernel(void) {
+    if (spx_cpu_supports(K_AVX512)) return K_AVX512;
+    if (spx_cpu_supports(K_AVX2)) return K_AVX2;
+    return K_SCALAR;
+}
+
+
+static int kp_of(int k) { return (k + QK - 1) / QK * QK; }
+
+spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int n_threads, int kernel, int act_levels) {
+    if (act_levels < 1 || act_levels > 2) return NULL;
+    if (kernel == K_AUTO) kernel = spx_best_kernel();
+    if (!spx_cpu_supports(kernel)) return NULL;
+    if (max_len > m->rope_len) return NULL;
+    spx_state *s = calloc(1, sizeof(*s));
+    s->m = m; s->kernel = kernel; s->max_t = max_t; s->max_len = max_len; s->act_levels = act_levels;
+    s->n_threads = n_threads < 1 ? 1 : n_threads;
+    int D = m->dim, F = m->ffn;
+    int maxk = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        const spx_layer *L = &m->layers[l];
+        const spx_mat *mats[7] = {&L->q, &L->k, &L->v, &L->o, &L->gate, &L->up, &L->down};
+        for (int i = 0; i < 7; i++) if (mats[i]->kp > maxk) maxk = mats[i]->kp;
+    }
+    if (m->head_kp > maxk) maxk = m->head_kp;
+    if (kp_of(D) > maxk) maxk = kp_of(D);
+    s->max_kp = maxk; s->max_nb = maxk / QK;
+    size_t T = (size_t)max_t;
+    s->x = calloc(T * D, 4); s->xn = calloc(T * D, 4);
+    s->q = calloc(T * D, 4); s->kk = calloc(T * D, 4); s->v = calloc(T * D, 4); s->att = calloc(T * D, 4);
+    s->g = calloc(T * F, 4); s->u = calloc(T * F, 4); s->h = calloc(T * F, 4);
+    s->scores = calloc((size_t)s->n_threads * max_len, 4);
+    s->xq = aligned_alloc(64, 2 * T * maxk + 64);
+    s->xd = calloc(2 * T * s->max_nb, 4);
+    s->xs = calloc(2 * T * s->max_nb, 4);
+    size_t kv = (size_t)m->n_layers * m->n_heads * max_len * m->head_dim;
+    s->kcache = calloc(kv, 4); s->vcache = calloc(kv, 4);
+    if (!s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
+        !s->xq || !s->xd || !s->xs || !s->kcache || !s->vcache) return NULL;
+    s->pool = pool_new(s->n_threads);
+    return s;
+}
+
+void spx_state_free(spx_state *s) {
+    if (!s) return;
+    pool_free(s->pool);
+    free(s->x); free(s->xn); free(s->q); free(s->kk); free(s->v); free(s->att);
+    free(s->g); free(s->u); free(s->h); free(s->scores); free(s->xq); free(s->xd); free(s->xs);
+    free(s->kcache); free(s->vcache);
+    free(s);
+}
+
+int spx_state_kernel(const spx_state *s) { return s->kernel; }
+int spx_state_pos(const spx_state *s) { return s->pos; }
+void spx_state_set_pos(spx_state *s, int pos) { s->pos = pos; }
+
+static void forward_job(void *arg, int tid) {
+    spx_state *s = (spx_state *)arg;
+    switch (s->kernel) {
+#ifdef SPX_X86
+    case K_AVX512: forward_avx512(s, tid); break;
+    case K_AVX2: forward_avx2(s, tid); break;
+#endif
+    default: forward_scalar(s, tid); break;
+    }
+}
+
+/* Run T tokens starting at the state's position; writes logits of the last token
+ * (or of all T tokens when all_logits) to `logits`. Returns 0 or a negative error. */
+int spx_forward(spx_state *s, const int32_t *tokens, int T, float *logits, int all_logits) {
+    if (T < 1 || T > s->max_t) return -1;
+    if (s->pos + T > s->max_len) return -2;
+    for (int i = 0; i < T; i++) if (tokens[i] < 0 || tokens[i] >= s->m->vocab) return -3;
+    s->tokens = tokens; s->T = T; s->p0 = s->pos; s->logits = logits; s->all_logits = all_logits;
+    pool_run(s->pool, forward_job, s);
+    s->pos += T;
+    return 0;
+}
+
+/* --- single operations, for tests and the benchmark (same code as the forward) --- */
+typedef struct {
+    const spx_mat *mat; const float *x; int T; int nl; float *out; int kernel;
+    int8_t *xq; float *xd; int32_t *xs; spx_pool *pool;
+} matmul_job;
+
+static void matmul_job_fn(void *a_, int tid) {
+    matmul_job *a = (matmul_job *)a_;
+    switch (a->kernel) {
+#ifdef SPX_X86
+    case K_AVX512: op_matmul_avx512(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    case K_AVX2: op_matmul_avx2(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+#endif
+    default: op_matmul_scalar(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    }
+}
+
+/* out[T, rows] = x[T, k] @ (gamma W_hat)^T with int8 activations. */
+int spx_matmul(const spx_mat *mat, const float *x, int T, float *out, int n_threads, int kernel, int nl) {
+    if (kernel == K_AUTO) kernel = spx_best_kernel();
+    if (!spx_cpu_supports(kernel)) return -4;
+    int nb = mat->kp / QK;
+    if (nl < 1 || nl > 2) return -5;
+    matmul_job a = {mat, x, T, nl, out, kernel, aligned_alloc(64, (size_t)nl * T * mat->kp + 64),
+                    malloc((size_t)nl * T * nb * 4), malloc((size_t)nl * T * nb * 4), pool_new(n_threads)};
+    pool_run(a.pool, matmul_job_fn, &a);
+    pool_free(a.pool);
+    free(a.xq); free(a.xd); free(a.xs);
+    return 0;
+}
+
+/* The activation quantizer alone (x [T,k] -> q [T,kp], d/isum [T,kp/256]). */
+int spx_quantize(const float *x, int T, int k, int nseg, int kp, int nl, int8_t *q, float *d, int32_t *isum, int kernel) {
+    if (kernel == K_AUTO) kernel = spx_best_kernel();
+    if (!spx_cpu_supports(kernel)) return -4;
+    for (int t = 0; t < T; t++) {
+        int nb = kp / QK;
+#ifdef SPX_X86
+        if (kernel == K_AVX2) { quant_act_avx2(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
+        if (kernel == K_AVX512) { quant_act_avx512(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
+#endif
+        quant_act_scalar(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb);
+    }
+    return 0;
+}
+
+/* Memory read bandwidth (bytes/s) over `bytes` of memory with n threads: the roofline reference. */
+typedef struct { const uint8_t *buf; size_t n; int nth; uint64_t sums[64]; } bw_job;
+static void bw_fn(void *a_, int tid) {
+    bw_job *a = (bw_job *)a_;
+    int lo, hi;
+    size_t chunks = a->n / 4096;
+    split_range((int)chunks, tid, a->nth, &lo, &hi);
+    const uint64_t *p = (const uint64_t *)(a->buf + (size_t)lo * 4096);
+    size_t words = (size_t)(hi - lo) * 512;
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t i = 0; i + 8 <= words; i += 8) { s0 += p[i] ^ p[i + 4]; s1 += p[i + 1] ^ p[i + 5]; s2 += p[i + 2] ^ p[i + 6]; s3 += p[i + 3] ^ p[i + 7]; }
+    a->sums[tid] = s0 + s1 + s2 + s3;
+}
+uint64_t spx_read_sum(const uint8_t *buf, size_t n, int n_threads, int reps) {
+    bw_job a = {buf, n, n_threads < 1 ? 1 : n_threads, {0}};
+    spx_pool *p = pool_new(a.nth);
+    uint64_t s = 0;
+    for (int r = 0; r < reps; r++) { pool_run(p, bw_fn, &a); for (int i = 0; i < a.nth; i++) s += a.sums[i]; }
+    pool_free(p);
+    return s;
+}
