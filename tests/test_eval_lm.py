@@ -57,7 +57,7 @@ def both(tiny):
 
     with tempfile.TemporaryDirectory() as tmp:
         write_local_tasks(TASKS, data, tmp)
-        tm = TaskManager(include_path=tmp)
+        tm = TaskManager(include_path=tmp, include_defaults=False)
         out = {}
         for name, args in (("spectra", {"pretrained": str(tiny)}),
                            ("hf", {"pretrained": str(tiny), "device": "cpu", "dtype": "float32"})):

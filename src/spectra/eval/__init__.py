@@ -55,40 +55,55 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
 
     from spectra.eval import results as R
     from spectra.eval import tasks as T
+    from torch import nn
+
+    from spectra.checkpoint import read_config
     from spectra.eval.loading import describe
 
     if task_data is not None:
         T.offline_env()
-    lm = SpectraLM(pretrained=ckpt, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                   **(model_args or {}))
-    settings = {"limit": limit, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
-                "max_length": lm.max_length, "task_data": str(task_data) if task_data else None,
-                "bootstrap_iters": bootstrap_iters, "num_fewshot": 0}
+    if not isinstance(ckpt, nn.Module):
+        read_config(ckpt)  # a clear error for a path that is not a model directory, before any work
     lm_res, names, fps, skipped, notes = None, [], {}, {}, {}
-    t0 = time.perf_counter()
-    if tasks:
-        explicit = {t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)} - set(T.GROUPS)
-        names = T.expand_tasks(tasks)
-        with tempfile.TemporaryDirectory(prefix="spectra-tasks-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="spectra-tasks-") as tmp:
+        tm = None
+        if tasks:  # resolve and check tasks before loading the model: bad input fails fast
+            explicit = {t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)} - set(T.GROUPS)
+            names = T.expand_tasks(tasks)
             if task_data is not None:
+                T.check_local(names)
                 setup = T.write_local_tasks(names, task_data, tmp, explicit=explicit)
                 names, fps, skipped, notes = setup.tasks, setup.fingerprints, setup.skipped, setup.notes
-                tm = TaskManager(include_path=tmp)
+                # Only our include-YAMLs are indexed (they pull lm-eval's own YAMLs in by absolute
+                # path): indexing all of lm-eval's thousands of tasks costs seconds per run.
+                tm = TaskManager(include_path=tmp, include_defaults=False)
             else:
                 tm = TaskManager()
-            T.check_known(names, tm)
-            if names:
-                lm_res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=None,
-                                                 bootstrap_iters=bootstrap_iters, log_samples=log_samples)
+                T.check_known(names, tm)
+        lm = SpectraLM(pretrained=ckpt, tokenizer=tokenizer, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                       **(model_args or {}))
+        settings = {"limit": limit, "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+                    "max_length": lm.max_length, "task_data": str(task_data) if task_data else None,
+                    "bootstrap_iters": bootstrap_iters, "num_fewshot": 0}
+        t0 = time.perf_counter()
+        if names:
+            lm_res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=None,
+                                             bootstrap_iters=bootstrap_iters, log_samples=log_samples)
     ppl = None
     if ppl_files:
         ppl = perplexity(lm.loaded, ppl_files, ppl_seq_len, ppl_stride, batch_size=max(1, min(batch_size, 8)),
                          max_tokens=ppl_max_tokens, progress=progress)
         settings.update(ppl_seq_len=ppl_seq_len or lm.max_length, ppl_stride=ppl_stride or ppl_seq_len or lm.max_length)
+        from spectra.eval.tasks import sha256_file
+
+        for f in ppl_files:
+            fps[f"ppl:{f}"] = {"file": str(Path(f).resolve()), "sha256": sha256_file(Path(f))}
     vl = None
     if val_data:
-        vl = validation_loss(lm.loaded, val_data, val_seq_len, val_windows, progress=progress)
-        settings.update(val_data=str(val_data), val_seq_len=val_seq_len, val_windows=val_windows)
+        vinfo: dict = {}
+        vl = validation_loss(lm.loaded, val_data, val_seq_len, val_windows, progress=progress, info=vinfo)
+        settings.update(val_seq_len=val_seq_len, val_windows=val_windows)
+        fps["val_data"] = vinfo
     s = lm.stats
     settings["seconds"] = round(time.perf_counter() - t0, 3)
     if s["loglikelihood_seconds"] > 0:

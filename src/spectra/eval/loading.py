@@ -88,7 +88,14 @@ def _packed_kind(path: Path, cfg: dict) -> str:
     """Which loader a directory needs: dense, packed-trilm or packed-quantlm."""
     sp = cfg.get("spectra") or {}
     fmt = str(sp.get("format") or sp.get("packed") or "")
-    if cfg.get("quantization_config") or (sp.get("family") == "quantlm" and fmt and fmt != "unpacked"):
+    try:
+        from spectra.quant import is_packed_gptq
+
+        if is_packed_gptq(path):
+            return "packed-quantlm"
+    except ImportError:
+        pass
+    if cfg.get("quantization_config"):
         return "packed-quantlm"
     if fmt and fmt not in ("unpacked", "False", "false") and sp.get("family") in ("trilm", "bilm"):
         return "packed-trilm"
@@ -104,7 +111,7 @@ def _load_packed(kind: str, path: Path, dtype):
         except ImportError:
             raise SpectraError(f"{path}: packed QuantLM directory, but spectra.quant.load_quantized is not available "
                                f"in this installation") from None
-        out = load_quantized(path)
+        out = load_quantized(path, dtype=dtype)  # dequantized on load (GPTQ packed -> dense weights)
         return out[0] if isinstance(out, tuple) else out
     try:
         from spectra import infer

@@ -14,7 +14,6 @@ Reported per file: tokens, UTF-8 bytes, total NLL (nats), NLL per token, perplex
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -84,68 +83,54 @@ def perplexity(ckpt_or_model, files, seq_len: int | None = None, stride: int | N
     return out
 
 
-def read_token_shards(data_dir: str | Path) -> list[np.ndarray]:
-    """Token arrays of a shard directory (memory-mapped).
+def _windows(data_dir, seq_len: int, max_windows: int | None, split: str) -> tuple[list[list[int]], dict]:
+    """Disjoint (seq_len + 1)-token windows, in order, and what identifies the data.
 
-    Uses the data package's reader when present; otherwise reads ``*.npy`` files, or
-    raw ``*.bin`` files whose dtype (uint16/uint32) is given by a ``*.json`` manifest
-    next to them (key ``dtype``; default uint16 when the vocabulary fits).
+    A data directory of ``spectra data`` (with its manifest) is read through
+    :class:`spectra.data.TokenDataset` (its ``split``, validation by default); a
+    bare directory of ``*.npy`` token arrays also works.
     """
     d = Path(data_dir)
     if not d.is_dir():
         raise SpectraError(f"validation data '{d}' is not a directory of token shards")
-    try:  # the data package's own reader, once it exists
-        from spectra.data import shards as _sh  # type: ignore
+    if any(d.glob("*.npy")) and not (d / "manifest.json").exists():
+        wins = []
+        for f in sorted(d.glob("*.npy")):
+            a = np.load(f, mmap_mode="r")
+            for w in range((len(a) - 1) // seq_len):
+                wins.append(np.asarray(a[w * seq_len:(w + 1) * seq_len + 1]).astype(np.int64).tolist())
+                if max_windows and len(wins) >= max_windows:
+                    return wins, {"dir": str(d.resolve()), "format": "npy"}
+        return wins, {"dir": str(d.resolve()), "format": "npy"}
+    from spectra.data import TokenDataset
 
-        reader = getattr(_sh, "open_shards", None) or getattr(_sh, "read_shards", None)
-        if reader is not None:
-            arrs = reader(d)
-            return [np.asarray(a) for a in (arrs if isinstance(arrs, (list, tuple)) else [arrs])]
-    except ImportError:
-        pass
-    npys = sorted(d.glob("*.npy"))
-    if npys:
-        return [np.load(p, mmap_mode="r") for p in npys]
-    bins = sorted(d.glob("*.bin"))
-    if not bins:
-        raise SpectraError(f"'{d}' holds no token shards (*.npy, or *.bin with a JSON manifest giving 'dtype')")
-    dtype = "uint16"
-    for m in sorted(d.glob("*.json")):
-        try:
-            meta = json.loads(m.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32", "int32"):
-            dtype = meta["dtype"]
-            break
-    return [np.memmap(p, dtype=dtype, mode="r") for p in bins]
+    ds = TokenDataset(d, split=split)
+    wins = []
+    for x, y in ds.eval_windows(seq_len, max_windows, batch_size=16):
+        for xi, yi in zip(x.tolist(), y.tolist()):
+            wins.append(xi[:1] + yi)
+    return wins, {"dir": str(d.resolve()), "split": split, "fingerprint": ds.fingerprint, "tokens": ds.num_tokens}
 
 
-def validation_loss(model, data_dir, seq_len: int = 512, max_windows: int | None = 64, *, batch_size: int = 8,
-                    progress: bool = True) -> float:
-    """Mean next-token cross-entropy (nats) over the first ``max_windows`` disjoint windows of the shards.
+def validation_loss(model, data_dir, seq_len: int = 512, max_windows: int | None = 64, *, split: str = "validation",
+                    batch_size: int = 8, progress: bool = True, info: dict | None = None) -> float:
+    """Mean next-token cross-entropy (nats) over the first ``max_windows`` disjoint windows.
 
-    Each window has ``seq_len + 1`` tokens (``seq_len`` predictions), taken in order from
-    the concatenated shards, as a training loader's held-out split would be scored.
+    Each window has ``seq_len + 1`` tokens (``seq_len`` predictions), in order, exactly
+    as :meth:`spectra.data.TokenDataset.eval_windows` defines them (the trainer's eval).
+    ``info``, if given, receives the data identity (dir, split, fingerprint, windows).
     """
     m = getattr(model, "model", model)  # a Loaded or a bare Transformer
-    shards = read_token_shards(data_dir)
-    vocab = m.lm_head.weight.shape[0] if hasattr(m, "lm_head") else None
-    reqs = []
-    for a in shards:
-        n = (len(a) - 1) // seq_len
-        for w in range(n):
-            win = np.asarray(a[w * seq_len : (w + 1) * seq_len + 1]).astype(np.int64).tolist()
-            reqs.append((win[:1], win[1:]))
-            if max_windows and len(reqs) >= max_windows:
-                break
-        if max_windows and len(reqs) >= max_windows:
-            break
-    if not reqs:
+    wins, ident = _windows(data_dir, seq_len, max_windows, split)
+    if not wins:
         raise SpectraError(f"'{data_dir}': fewer than {seq_len + 1} tokens; nothing to score")
-    if vocab is not None and max(max(c) for _, c in reqs) >= vocab:
+    vocab = m.lm_head.weight.shape[0] if hasattr(m, "lm_head") else None
+    if vocab is not None and max(max(w) for w in wins) >= vocab:
         raise SpectraError(f"'{data_dir}': token ids exceed the model vocabulary ({vocab}); wrong tokenizer/shards?")
+    reqs = [(w[:1], w[1:]) for w in wins]
     bar = tqdm(total=len(reqs), desc="val loss", unit="win", disable=not progress)
     res = engine.score(m, reqs, max_length=seq_len, batch_size=batch_size, max_batch_tokens=seq_len * batch_size, pbar=bar)
     bar.close()
+    if info is not None:
+        info.update(ident, windows=len(reqs), seq_len=seq_len)
     return -sum(ll for ll, _ in res) / (len(reqs) * seq_len)

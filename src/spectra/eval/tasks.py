@@ -107,6 +107,16 @@ def expand_tasks(spec: str | list[str]) -> list[str]:
     return out
 
 
+def check_local(tasks: list[str]) -> None:
+    """With --task-data only the tasks with a local layout can run; name them if another is asked."""
+    for t in tasks:
+        if t not in LOCAL:
+            raise SpectraError(
+                f"unknown task '{t}'{closest(t, list(LOCAL) + list(GROUPS))} for local data; tasks with a local "
+                f"layout: {', '.join(LOCAL)}; groups: spectra6, spectra13 (without --task-data any lm-eval task "
+                f"name works: `python -m spectra.lm_eval ls tasks`)")
+
+
 def check_known(tasks: list[str], task_manager) -> None:
     known = set(task_manager.all_tasks)
     for t in tasks:
@@ -214,7 +224,7 @@ def write_local_tasks(tasks: list[str], data_dir: str | Path, out_dir: str | Pat
                 raise SpectraError(f"task '{t}': {msg}")
             skipped[t] = f"no local data: {msg}"
             continue
-        if t == "crows_pairs_english":
+        if t == "crows_pairs_english":  # noqa: SIM114
             if src.suffix == ".csv":
                 conv = out_dir / "data" / "crows_pairs_english.jsonl"
                 conv.parent.mkdir(exist_ok=True)
@@ -239,6 +249,8 @@ def write_local_tasks(tasks: list[str], data_dir: str | Path, out_dir: str | Pat
                 raise SpectraError(f"{src}: no rows for MMLU subject '{missing[0]}' ({len(missing)} of {len(known)} "
                                    f"subjects missing); expected all 57 subjects in the 'subject' field")
             (out_dir / "data").mkdir(exist_ok=True)
+            # lm-eval's group definition, verbatim: it collects the subject tasks by their tags
+            (out_dir / "_mmlu_continuation_group.yaml").write_text((cont / "_mmlu.yaml").read_text())
             for s in known:
                 f = out_dir / "data" / f"mmlu_{s}.jsonl"
                 _write_jsonl(f, by_subj[s])
