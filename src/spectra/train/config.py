@@ -43,7 +43,7 @@ class DataSection:
     dir: str | None = None  # a directory built by `spectra data`
     seq_len: int | None = None  # None: min(preset max_seq_len, 2048)
     seed: int = 0  # data order (shuffle) seed; same seed -> same order for every model
-    val_split: str = "val"
+    val_split: str = "validation"
 
 
 @dataclass
@@ -141,6 +141,15 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+    def to_flat(self) -> dict[str, str]:
+        """{dotted key: CLI string} for every field (e.g. to build a command line)."""
+        out = {}
+        for sec, v in self.to_dict().items():
+            for k, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+                key = f"{sec}.{k}" if k else sec
+                out[key] = "null" if x is None else (str(x).lower() if isinstance(x, bool) else repr(x) if isinstance(x, float) else str(x))
+        return out
 
     def override(self, items: list[str] | dict, source: str = "override") -> "TrainConfig":
         """Apply ``section.key=value`` strings (or a {dotted: value} dict); returns a new config."""

@@ -241,15 +241,12 @@ def _loss(model, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, windows: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan, device, d: Dist) -> float:
-    """Mean next-token loss over fixed validation windows (every rank evaluates all of them)."""
+def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan, device, d: Dist) -> float:
+    """Mean next-token loss over fixed validation batches (every rank evaluates all of them)."""
     model.eval()
     tot, n = 0.0, 0
-    mb = max(1, min(plan.per_rank_batch, 16))
-    for i in range(0, len(windows), mb):
-        chunk = windows[i : i + mb]
-        x = torch.stack([w[0] for w in chunk]).to(device)
-        y = torch.stack([w[1] for w in chunk]).to(device)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with autocast(plan.precision, device.type):
             loss = _loss(model, x, y)
         tot += float(loss) * y.numel()
@@ -259,19 +256,17 @@ def evaluate(model, windows: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan
 
 
 def _val_windows(cfg: TrainConfig, plan: Plan) -> list:
+    """Fixed validation batches: the first eval.batches x micro_batch windows of the split."""
     from spectra.data import TokenDataset
 
     try:
         ds = TokenDataset(cfg.data.dir, cfg.data.val_split)
-    except (SpectraError, FileNotFoundError, KeyError, ValueError):
-        return []
-    n = cfg.eval.batches * cfg.batch.micro_batch
-    out = []
-    for x, y in ds.eval_windows(plan.seq_len, max_windows=n):
-        out.append((torch.as_tensor(x).long(), torch.as_tensor(y).long()))
-        if len(out) >= n:
-            break
-    return out
+        if ds.num_tokens <= plan.seq_len:
+            return []
+        mb = cfg.batch.micro_batch
+        return list(ds.eval_windows(plan.seq_len, max_windows=cfg.eval.batches * mb, batch_size=mb))
+    except SpectraError:
+        return []  # no validation split: training continues without val_loss
 
 
 def _train(cfg: TrainConfig, d: Dist) -> Path:
