@@ -22,6 +22,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -333,10 +334,46 @@ def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed
     from tqdm import tqdm
 
     bar = tqdm(desc="tokenize", unit="doc", disable=not progress, mininterval=0.5, dynamic_ncols=True)
-    total_tokens, total_bytes, truncated = 0, 0, False
+    totals = {"tokens": 0, "bytes": 0}
     t0 = time.perf_counter()
+
+    def encode(docs):  # runs in the encoder thread; the Rust part releases the GIL
+        return [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
+
+    def consume(fut, flags, sizes) -> bool:
+        """Write one encoded batch; True when max_tokens is reached."""
+        seqs = fut.result()
+        lens = np.fromiter((len(x) + 1 for x in seqs), np.int64, len(seqs))
+        done = False
+        if max_tokens is not None and totals["tokens"] + int(lens.sum()) >= max_tokens:
+            keep = int(np.searchsorted(np.cumsum(lens), max_tokens - totals["tokens"], side="left")) + 1
+            seqs, flags, lens, sizes, done = seqs[:keep], flags[:keep], lens[:keep], sizes[:keep], True
+        for split, want in (("train", False), ("validation", True)):
+            sel = [x for x, f in zip(seqs, flags) if f == want]
+            if not sel:
+                continue
+            ids = np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in sel), np.int64,
+                              int(sum(len(x) + 1 for x in sel)))
+            if ids.size and int(ids.max()) > limit:
+                raise SpectraError(f"token id {int(ids.max())} does not fit {dtype} (max {limit}); "
+                                   f"tokenizer {tok_file or 'trained BPE'} needs --dtype uint32")
+            writers[split].write(ids.astype(dtype))
+            docs_n[split] += len(sel)
+            bytes_n[split] += sum(n for n, f in zip(sizes, flags) if f == want)
+        totals["tokens"] += int(lens.sum())
+        totals["bytes"] += sum(sizes)
+        bar.update(len(seqs))
+        dt = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{totals['bytes'] / dt / 1e6:.1f} MB/s, {totals['tokens'] / 1e6:.2f}M tokens",
+                            refresh=False)
+        return done
+
+    # Three stages overlap: reader thread -> encoder thread (batch k+1) -> this thread writes batch k.
+    truncated = False
+    ex = ThreadPoolExecutor(1, thread_name_prefix="spectra-encode")
     th.start()
     try:
+        pending = None
         while True:
             item = q.get()
             if item is None:
@@ -344,32 +381,16 @@ def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed
             if isinstance(item, BaseException):
                 raise item
             docs, flags, sizes = item
-            encs = tok.encode_batch_fast(docs, add_special_tokens=False)
-            lens = np.fromiter((len(e.ids) + 1 for e in encs), np.int64, len(encs))
-            if max_tokens is not None and total_tokens + int(lens.sum()) >= max_tokens:
-                keep = int(np.searchsorted(np.cumsum(lens), max_tokens - total_tokens, side="left")) + 1
-                encs, flags, lens, sizes, truncated = encs[:keep], flags[:keep], lens[:keep], sizes[:keep], True
-            for split, want in (("train", False), ("validation", True)):
-                sel = [e.ids for e, f in zip(encs, flags) if f == want]
-                if not sel:
-                    continue
-                ids = np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in sel), np.int64,
-                                  int(sum(len(x) + 1 for x in sel)))
-                if ids.size and int(ids.max()) > limit:
-                    raise SpectraError(f"token id {int(ids.max())} does not fit {dtype} (max {limit}); "
-                                       f"tokenizer {tok_file or 'trained BPE'} needs --dtype uint32")
-                writers[split].write(ids.astype(dtype))
-                docs_n[split] += len(sel)
-                bytes_n[split] += sum(n for n, f in zip(sizes, flags) if f == want)
-            total_tokens += int(lens.sum())
-            total_bytes += sum(sizes)
-            bar.update(len(encs))
-            dt = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{total_bytes / dt / 1e6:.1f} MB/s, {total_tokens / 1e6:.2f}M tokens", refresh=False)
-            if truncated:
+            fut = ex.submit(encode, docs)
+            if pending is not None and consume(*pending):
+                truncated, pending = True, None
                 break
+            pending = (fut, flags, sizes)
+        if pending is not None:
+            truncated = consume(*pending)
     finally:
         stop.set()
+        ex.shutdown(wait=True, cancel_futures=True)
         bar.close()
         th.join(timeout=5)
     if docs_n["train"] + docs_n["validation"] == 0:
