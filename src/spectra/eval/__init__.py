@@ -62,7 +62,7 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
 
     if task_data is not None:
         T.offline_env()
-    if not isinstance(ckpt, nn.Module):
+    if not isinstance(ckpt, nn.Module) and not (Path(ckpt) / "packed.json").is_file():
         read_config(ckpt)  # a clear error for a path that is not a model directory, before any work
     lm_res, names, fps, skipped, notes = None, [], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="spectra-tasks-") as tmp:

@@ -179,10 +179,44 @@ def _plain_inputs(rows: list[_Row], device):
     return tok.to(device), torch.tensor(scored_rows), torch.tensor(scored_cols), torch.tensor(targets), owners
 
 
+def is_native(model) -> bool:
+    """A spectra.infer NativeEngine (packed TriLM on the C kernel): one sequence with a KV cache."""
+    return getattr(model, "backend", None) == "native" and hasattr(model, "forward") and hasattr(model, "reset")
+
+
+def _set_pos(eng, pos: int) -> None:
+    if hasattr(eng, "set_pos"):
+        eng.set_pos(pos)
+    else:  # rewind the KV cache to the end of the shared prefix
+        eng.lib.spx_state_set_pos(eng._state, int(pos))
+
+
+def _score_native(eng, requests, max_length: int, pbar=None) -> list[tuple[float, bool]]:
+    """Shared-prefix reuse on a single-sequence engine: prefill the prefix once, then
+    rewind the KV cache to its end before each branch."""
+    out: list = [None] * len(requests)
+    for r in plan_rows(requests, max_length):
+        eng.reset()
+        lp = len(r.prefix)
+        if lp:
+            eng.forward(list(r.prefix))
+        for br in r.branches:
+            _set_pos(eng, lp)
+            logits = torch.from_numpy(eng.forward(br.suffix, all_logits=True))
+            logp = F.log_softmax(logits.float(), dim=-1)
+            tgt = torch.tensor(br.targets)
+            out[br.req] = (float(logp.gather(1, tgt[:, None]).sum()), bool((logp.argmax(-1) == tgt).all()))
+        if pbar is not None:
+            pbar.update(len(r.branches))
+    return out
+
+
 @torch.no_grad()
 def score(model, requests: list[tuple[list[int], list[int]]], *, max_length: int, batch_size: int = 32,
           max_batch_tokens: int = 8192, device="cpu", pbar=None) -> list[tuple[float, bool]]:
     """(sum log p(cont | ctx), is_greedy) per request, in request order."""
+    if is_native(model):
+        return _score_native(model, requests, max_length, pbar)
     tree = is_tree_capable(model)
     rows = plan_rows(requests, max_length, share_prefix=tree)
     out: list[tuple[float, bool] | None] = [None] * len(requests)

@@ -13,7 +13,8 @@ handling for generation. Only the execution differs (see :mod:`spectra.eval.engi
 model_args: ``pretrained`` (dir), ``tokenizer`` (dir or tokenizer.json),
 ``batch_size`` (rows per forward), ``max_batch_tokens``, ``max_length``, ``dtype``
 (float32 default on CPU), ``device``, ``add_bos_token``, ``prefix_token_id``,
-``max_gen_toks``, ``threads``, ``seed`` (sampling only).
+``max_gen_toks``, ``threads``, ``seed`` (sampling only), ``packed_backend`` (auto | native |
+torch: how a packed TriLM directory is run; native = spectra.infer's C engine).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class SpectraLM(TemplateLM):
                  max_batch_tokens: int = 8192, max_length: int | None = None, dtype: str = "float32",
                  device: str | None = "cpu", add_bos_token: bool | None = None, prefix_token_id: int | None = None,
                  max_gen_toks: int = 256, threads: int | None = None, seed: int = 1234,
-                 max_batch_size: int | None = None, **kwargs) -> None:
+                 max_batch_size: int | None = None, packed_backend: str = "auto", **kwargs) -> None:
         super().__init__()
         if threads:
             torch.set_num_threads(int(threads))
@@ -62,7 +63,8 @@ class SpectraLM(TemplateLM):
             # lm-eval's CLI defaults to --device cuda; on a CPU machine that means "the CPU".
             eval_logger.warning("device %s requested but CUDA is not available; using cpu", dev)
             dev = "cpu"
-        self.loaded = load_for_eval(pretrained, tokenizer=tokenizer, dtype=dtype, device=dev)
+        self.loaded = load_for_eval(pretrained, tokenizer=tokenizer, dtype=dtype, device=dev,
+                                    packed_backend=packed_backend, threads=int(threads) if threads else None)
         self._model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self._device = torch.device(dev)
@@ -167,28 +169,36 @@ class SpectraLM(TemplateLM):
         from spectra.model import KVCache
 
         m = self._model
-        use_cache = hasattr(m, "cfg") and engine.is_tree_capable(m)
-        cache = KVCache.empty(m.cfg, 1, len(ctx) + max_new, dtype=m.embed_tokens.weight.dtype,
-                              device=self._device) if use_cache else None
-        seq, out = torch.tensor([ctx], device=self._device), []
-        inp = seq
+        if engine.is_native(m):  # packed TriLM: the C engine keeps its own KV cache
+            m.reset()
+            step = lambda toks: torch.from_numpy(m.forward(toks)).float()  # noqa: E731
+        elif engine.is_tree_capable(m):
+            cache = KVCache.empty(m.cfg, 1, len(ctx) + max_new, dtype=m.embed_tokens.weight.dtype, device=self._device)
+            step = lambda toks: m(torch.tensor([toks], device=self._device), cache)[0, -1].float()  # noqa: E731
+        else:  # a bare callable model: recompute the whole sequence each step
+            seq = list(ctx)
+
+            def step(toks):
+                if toks is not ctx:
+                    seq.extend(toks)
+                return m(torch.tensor([seq], device=self._device))[0, -1].float()
+        out: list[int] = []
+        logits = step(ctx)
         for _ in range(max_new):
-            logits = (m(inp, cache) if use_cache else m(seq))[0, -1].float()
             if do_sample and temperature > 0:
                 nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=self._gen))
             else:
                 nxt = int(logits.argmax())
             out.append(nxt)
-            if nxt == self.eot_token_id:
+            if nxt == self.eot_token_id or len(out) == max_new:
                 break
-            inp = torch.tensor([[nxt]], device=self._device)
-            seq = torch.cat([seq, inp], 1)
             if stop:
                 # Stop strings are matched on the decoded text (they may span tokens); only
                 # the tail can newly contain one.
                 tail = self.tok_decode(out[-8:], skip_special_tokens=False)
                 if any(s and s in tail for s in stop):
                     break
+            logits = step([nxt])
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

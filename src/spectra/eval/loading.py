@@ -125,7 +125,29 @@ def _load_packed(kind: str, path: Path, dtype):
     return out[0] if isinstance(out, tuple) else out
 
 
-def load_for_eval(pretrained, *, tokenizer=None, dtype="float32", device: str = "cpu") -> Loaded:
+def _load_packed_trilm(path: Path, tokenizer, backend: str = "auto", threads: int | None = None) -> Loaded:
+    """A ``spectra pack`` directory through spectra.infer: the native C engine (or its torch reference)."""
+    try:
+        from spectra.infer.engine import load_engine
+    except ImportError:
+        raise SpectraError(f"{path}: packed TriLM directory, but spectra.infer is not available") from None
+    eng = load_engine(path, backend=backend, n_threads=threads)
+    meta = json.loads((path / "packed.json").read_text())
+    model = eng if getattr(eng, "backend", None) == "native" else eng.model
+    tok = tokenizer if (tokenizer is not None and not isinstance(tokenizer, (str, Path))) else load_tokenizer(path, tokenizer)
+    src = meta.get("source") or {}
+    eos = tok.eos_token_id if tok.eos_token_id is not None else meta.get("eos_token_id", 0)
+    return Loaded(model=model, tokenizer=tok, path=str(path.resolve()), family=meta.get("family", "trilm"),
+                  kind=f"packed-trilm-{eng.backend}", step=src.get("step"), tokens=src.get("tokens"),
+                  max_length=int(eng.cfg.max_seq_len), eos_token_id=int(eos),
+                  bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else meta.get("bos_token_id"),
+                  extra={"spectra": {"packed": {k: meta.get(k) for k in ("weights", "head", "linear_bits_per_weight")},
+                                     "engine": eng.describe()},
+                         "fingerprint": checkpoint_fingerprint(path)})
+
+
+def load_for_eval(pretrained, *, tokenizer=None, dtype="float32", device: str = "cpu", packed_backend: str = "auto",
+                  threads: int | None = None) -> Loaded:
     """Load a checkpoint directory (or wrap an in-memory model) for evaluation."""
     import torch
     from torch import nn
@@ -147,6 +169,8 @@ def load_for_eval(pretrained, *, tokenizer=None, dtype="float32", device: str = 
     path = Path(pretrained)
     if not path.is_dir():
         raise SpectraError(f"checkpoint '{path}' is not a directory (expected a spectra or Hugging Face Llama model directory)")
+    if (path / "packed.json").is_file():
+        return _load_packed_trilm(path, tokenizer, backend=packed_backend, threads=threads)
     cfg = read_config(path)
     kind = _packed_kind(path, cfg)
     if kind == "dense":
