@@ -288,3 +288,32 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(SpectraError, match="refusing to replace"):
         build_dataset(tmp_path / "c.jsonl", tmp_path / "mine", vocab_size=300, progress=False)
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+
+
+def test_hard_killed_build_is_never_trusted(tmp_path):
+    """SIGKILL in the middle of writing shards: the old build stays valid; the next run cleans up."""
+    import signal
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "c.jsonl", make_docs(200))
+    out = build_dataset(tmp_path / "c.jsonl", tmp_path / "d", vocab_size=300, progress=False)
+    before, fp = shard_bytes(out), read_manifest(out)["fingerprint"]
+    write_jsonl(tmp_path / "c.jsonl", make_docs(300))
+    code = (
+        "import os, signal, sys\n"
+        "from spectra.data import build as b\n"
+        "orig = b.ShardWriter.write\n"
+        "def write(self, ids):\n"
+        "    orig(self, ids); self.f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+        "b.ShardWriter.write = write\n"
+        "b.build_dataset(sys.argv[1], sys.argv[2], vocab_size=300, shard_tokens=500, progress=False)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c.jsonl"), str(out)], capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".d.") and p.name.endswith(".tmp")]
+    assert leftovers and any(leftovers[0].glob("train-*.bin"))  # a half-written build exists ...
+    assert shard_bytes(out) == before and TokenDataset(out, verify="full").fingerprint == fp  # ... and is ignored
+    build_dataset(tmp_path / "c.jsonl", out, vocab_size=300, shard_tokens=500, progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert TokenDataset(out).fingerprint != fp

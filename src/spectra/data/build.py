@@ -256,7 +256,10 @@ def build_dataset(
     }
     build_key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpectraError(f"output path {out_dir} exists and is a file; give a directory for --out")
     with _lock(out_dir):
+        _remove_stale_temps(out_dir)
         if out_dir.exists() and not force:
             if (out_dir / mf.MANIFEST).is_file():
                 try:
@@ -427,6 +430,14 @@ def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed
     }
     man["fingerprint"] = mf.content_fingerprint(man)
     return man
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Leftovers of a killed build (atomic_dir's '.NAME.*.tmp' / '.NAME.old'); safe under the lock,
+    and never trusted anyway: only a complete directory with a manifest is ever read."""
+    for p in out_dir.parent.glob(f".{out_dir.name}.*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or p.name == f".{out_dir.name}.old"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _empty_msg(src: Source) -> str:

@@ -69,7 +69,12 @@ class DataLoader:
 
     @property
     def tokens_per_batch(self) -> int:
+        """Input tokens per global batch (global_batch x seq_len)."""
         return self.global_batch * self.seq_len
+
+    @property
+    def tokens_consumed(self) -> int:
+        return self.batches * self.tokens_per_batch
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "seed": self.seed, "epoch": self.epoch, "fingerprint": self.fingerprint,
