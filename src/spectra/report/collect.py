@@ -109,7 +109,8 @@ def eval_into(rec: ModelRecord, res: dict) -> None:
     if res.get("tasks"):
         rec.tasks.update(res["tasks"])
     if res.get("six_task_avg") is not None:
-        rec.six_task_avg = res["six_task_avg"]
+        # `spectra eval` stores lm-eval's fractions; the paper's tables (and ours) use percent
+        rec.six_task_avg = 100.0 * res["six_task_avg"]
     if res.get("val_loss") is not None:
         rec.val_loss = res["val_loss"]
     if res.get("ppl"):
