@@ -152,7 +152,7 @@ static void pool_barrier(spx_pool *p) {
         atomic_fetch_add(&p->bar_gen, 1);
     } else {
         int spins = 0;
-        while (atomic_load(&p->bar_gen) == g) { if (++spins > 4000) sched_yield(); else cpu_relax(); }
+        while (atomic_load(&p->bar_gen) == g) { if (++spins > 1000) sched_yield(); else cpu_relax(); }
     }
 }
 
@@ -287,13 +287,14 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int n_threa
     if (kp_of(D) > maxk) maxk = kp_of(D);
     s->max_kp = maxk; s->max_nb = maxk / QK;
     size_t T = (size_t)max_t;
-    s->x = calloc(T * D, 4); s->xn = calloc(T * D, 4);
+    size_t NT = (size_t)s->n_threads;
+    s->x = calloc(T * D, 4); s->xn = calloc(NT * T * D, 4);
     s->q = calloc(T * D, 4); s->kk = calloc(T * D, 4); s->v = calloc(T * D, 4); s->att = calloc(T * D, 4);
     s->g = calloc(T * F, 4); s->u = calloc(T * F, 4); s->h = calloc(T * F, 4);
     s->scores = calloc((size_t)s->n_threads * max_len, 4);
-    s->xq = aligned_alloc(64, 2 * T * maxk + 64);
-    s->xd = calloc(2 * T * s->max_nb, 4);
-    s->xs = calloc(2 * T * s->max_nb, 4);
+    s->xq = aligned_alloc(64, NT * 2 * T * maxk + 64);
+    s->xd = calloc(NT * 2 * T * s->max_nb, 4);
+    s->xs = calloc(NT * 2 * T * s->max_nb, 4);
     size_t kv = (size_t)m->n_layers * m->n_heads * max_len * m->head_dim;
     s->kcache = calloc(kv, 4); s->vcache = calloc(kv, 4);
     if (!s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
