@@ -149,7 +149,6 @@ def _load_packed_trilm(path: Path, tokenizer, backend: str = "auto", threads: in
 def load_for_eval(pretrained, *, tokenizer=None, dtype="float32", device: str = "cpu", packed_backend: str = "auto",
                   threads: int | None = None) -> Loaded:
     """Load a checkpoint directory (or wrap an in-memory model) for evaluation."""
-    import torch
     from torch import nn
 
     from spectra.checkpoint import family_of, load_model, read_config
@@ -178,7 +177,6 @@ def load_for_eval(pretrained, *, tokenizer=None, dtype="float32", device: str = 
     else:
         model = _load_packed(kind, path, dt)
     model.eval()
-    torch.set_grad_enabled(False)
     tok = tokenizer if (tokenizer is not None and not isinstance(tokenizer, (str, Path))) else load_tokenizer(path, tokenizer)
     sp = cfg.get("spectra") or {}
     eos = tok.eos_token_id if tok.eos_token_id is not None else cfg.get("eos_token_id", 0)
