@@ -1,0 +1,150 @@
+"""Training throughput on this CPU, measured side by side in one run.
+
+* our FloatLM vs Hugging Face ``LlamaForCausalLM`` with the same config, batch, loss and
+  optimizer (AdamW, matrices-only weight decay, clip 1.0) -- goal >= 1.2x tokens/s;
+* our TriLM vs our FloatLM step time -- goal <= 1.10x.
+
+Shapes: the ``micro`` preset and the ``99m`` shape with a short sequence. The three
+variants are stepped round-robin (ABCABC...) so that load from other processes hits
+them alike; we report the median step time. Appends a row to benchmarks/RESULTS.md.
+
+    python benchmarks/bench_train.py [--steps 6] [--threads 2] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from spectra.config import get_preset
+from spectra.model import Transformer
+from spectra.ternary import to_ternary
+from spectra.train.config import TrainConfig
+from spectra.train.optim import build_optimizer
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def hf_model(mc):
+    import transformers
+
+    from spectra.checkpoint import hf_config
+
+    d = hf_config(mc, "floatlm")
+    d.pop("spectra")
+    c = transformers.LlamaConfig(**d)
+    c._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(c)
+
+
+def make_step(model, logits_fn, opt):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x, y):
+        loss = F.cross_entropy(logits_fn(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def bench_shape(name, mc, batch, seq, steps, compile_ours):
+    torch.manual_seed(0)
+    cfg = TrainConfig()
+    x = torch.randint(0, mc.vocab_size, (batch, seq))
+    y = torch.randint(0, mc.vocab_size, (batch, seq))
+    ours_f = Transformer(mc).init_weights(0).train()
+    ours_t = to_ternary(Transformer(mc).init_weights(0)).train()
+    hf = hf_model(mc).train()
+    hf.load_state_dict({("model." + k if not k.startswith("lm_head") else k): v
+                        for k, v in ours_f.state_dict().items()}, strict=False)
+    fns = {}
+    for key, m, fwd in (("ours_float", ours_f, None), ("ours_trilm", ours_t, None), ("hf_float", hf, lambda x: hf(x).logits)):
+        f = fwd or (torch.compile(m) if compile_ours else m)
+        fns[key] = make_step(m, f, build_optimizer(m, cfg, 1e-4))
+    times = {k: [] for k in fns}
+    for i in range(steps + 1):  # step 0 = warm-up (allocations, compile)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x, y)
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tok = batch * seq
+    return {"shape": name, "batch": f"{batch}x{seq}",
+            **{f"{k}_tok_s": tok / v for k, v in med.items()},
+            "ours_vs_hf": med["hf_float"] / med["ours_float"],
+            "trilm_vs_float": med["ours_trilm"] / med["ours_float"]}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "?"
+    return "avx512" if "avx512f" in flags else ("avx2" if "avx2" in flags else "no-avx2")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model (not HF)")
+    ap.add_argument("--shapes", default="micro,99m")
+    ap.add_argument("--no-record", action="store_true")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()[0]
+    rows = []
+    for s in a.shapes.split(","):
+        if s == "micro":
+            rows.append(bench_shape("micro", get_preset("micro").model, 16, 256, a.steps, a.compile))
+        elif s == "99m":
+            rows.append(bench_shape("99m (seq 128)", get_preset("99m").model, 4, 128, max(3, a.steps // 2), a.compile))
+    load1 = os.getloadavg()[0]
+    hdr = ["shape", "batch", "ours_float tok/s", "hf_float tok/s", "ours_trilm tok/s", "ours/HF speed", "TriLM/Float time"]
+    print(" | ".join(hdr))
+    for r in rows:
+        print(f"{r['shape']} | {r['batch']} | {r['ours_float_tok_s']:.0f} | {r['hf_float_tok_s']:.0f} | "
+              f"{r['ours_trilm_tok_s']:.0f} | {r['ours_vs_hf']:.2f}x | {r['trilm_vs_float']:.2f}x")
+    if a.no_record:
+        return
+    cmd = "python benchmarks/bench_train.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items() if k not in ("no_record",) and v not in (False, None))
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nRows appended by benchmarks/bench_*.py. Timings on shared 2-core machines are noisy; "
+                           "compare ratios measured in the same run.\n\n")
+    lines = [f"\n## bench_train {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()} ({cpu_flags()}), "
+             f"torch {torch.__version__}, {a.threads} threads, fp32, load avg {load0:.1f}->{load1:.1f}\n",
+             f"`{cmd}` (median of {a.steps} round-robin steps; 99m: {max(3, a.steps // 2)})\n\n",
+             "| " + " | ".join(hdr) + " |\n", "|" + "---|" * len(hdr) + "\n"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['ours_float_tok_s']:.0f} | {r['hf_float_tok_s']:.0f} | "
+                     f"{r['ours_trilm_tok_s']:.0f} | {r['ours_vs_hf']:.2f}x | {r['trilm_vs_float']:.2f}x |\n")
+    with open(RESULTS, "a") as f:
+        f.writelines(lines)
+
+
+if __name__ == "__main__":
+    main()
