@@ -276,8 +276,9 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     ds = _open_data(cfg)
     plan = make_plan(cfg, int(ds.vocab_size), getattr(ds, "tokenizer_path", None), d.world, d.device.type)
     res = resolved_config(cfg, plan)
+    _check_run_dir(run, res, cfg.resume)  # on every rank, so all of them raise together
+    barrier(d)
     if d.is_main:
-        _check_run_dir(run, res, cfg.resume)
         run.mkdir(parents=True, exist_ok=True)
         ck.clean_temporaries(run)
         from spectra.fsutil import atomic_write_json
@@ -305,9 +306,10 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         loader.load_state_dict(st["loader"])
         scaler.load_state_dict(st["scaler"])
         step, bad_total = int(st["step"]), int(st.get("bad_steps", 0))
-        if d.is_main:
-            truncate_after(run / "metrics.jsonl", step)
+    if d.is_main:  # drop records of steps that will be replayed (all of them on a fresh start)
+        truncate_after(run / "metrics.jsonl", step)
     barrier(d)
+    start_step = step
 
     logger = MetricsLogger(run, enabled=d.is_main, tensorboard=cfg.log.tensorboard)
     val = _val_windows(cfg, plan) if (cfg.eval.every or cfg.eval.at_end) else []
@@ -404,7 +406,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             kind = ck.checkpoint_kind(step, plan.steps, cfg.checkpoint)
             if kind:
                 save(step, kind)
-        if val and cfg.eval.at_end:
+        if val and cfg.eval.at_end and step > start_step:
             vl = evaluate(model, val, plan, d.device, d)
             logger.log({"step": step, "tokens": step * plan.global_tokens, "val_loss": vl})
         last = ck.latest_checkpoint(run)
