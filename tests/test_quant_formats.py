@@ -14,6 +14,15 @@ from spectra.quant.formats import dequantize_packed, pack_bits, pack_linear, unp
 from spectra.quant.rtn import SUPPORTED_BITS, rtn_quantize
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads run these small ops far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def autogptq_pack_reference(intweight: np.ndarray, bits: int) -> np.ndarray:
     """AutoGPTQ's pack loop (written out independently), intweight [K, N] -> uint32 [K*bits/32, N]."""
     K, N = intweight.shape
@@ -105,7 +114,7 @@ def test_pack_linear_roundtrip_and_zero_convention(bits, fmt):
 
 @pytest.fixture(scope="module")
 def nano_and_calib():
-    cfg = get_preset("nano").model
+    cfg = get_preset("nano").model.replace(n_layers=2, vocab_size=512)
     model = Transformer(cfg).init_weights(0).eval()
     calib = torch.randint(0, cfg.vocab_size, (8, 64), generator=torch.Generator().manual_seed(0))
     return model, calib
