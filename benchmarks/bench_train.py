@@ -30,6 +30,7 @@ from spectra.model import Transformer
 from spectra.ternary import to_ternary
 from spectra.train.config import TrainConfig
 from spectra.train.optim import build_optimizer
+from spectra.train.parallel import apply_compile
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -72,7 +73,9 @@ def bench_shape(name, mc, batch, seq, steps, compile_ours):
                         for k, v in ours_f.state_dict().items()}, strict=False)
     fns = {}
     for key, m, fwd in (("ours_float", ours_f, None), ("ours_trilm", ours_t, None), ("hf_float", hf, lambda x: hf(x).logits)):
-        f = fwd or (torch.compile(m) if compile_ours else m)
+        if compile_ours and fwd is None:
+            apply_compile(m)  # what train.compile=true does
+        f = fwd or m
         fns[key] = make_step(m, f, build_optimizer(m, cfg, 1e-4))
     times = {k: [] for k in fns}
     for i in range(steps + 1):  # step 0 = warm-up (allocations, compile)
@@ -111,7 +114,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="torch.compile our model (not HF)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our blocks as train.compile=true does (not HF)")
     ap.add_argument("--shapes", default="micro,99m")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()

@@ -178,3 +178,30 @@ def test_cli_train_and_errors(data_dir, tmp_path):
     saved = json.loads((tmp_path / "cli" / "train_config.json").read_text())
     assert saved["model"]["family"] == "floatlm" and saved["optim"]["lr"] == 3e-3 and saved["schedule"]["steps"] == 2
     assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "x"), "--steps", "2", "optim.lrr=1"]) == 2
+
+
+def test_bilm_run_and_logged_schedule(data_dir, tmp_path):
+    from spectra.checkpoint import load_model
+    from spectra.train.schedule import build_schedule
+
+    cfg = cfg_for(data_dir, tmp_path / "bi", **{**TINY, "model.family": "bilm", "schedule.steps": 6,
+                                                "schedule.warmup": 2, "eval.at_end": False})
+    run = train(cfg)
+    recs = [r for r in read_metrics(run) if "loss" in r]
+    sched = build_schedule(cfg, "bilm", 6, 6e-3, 4e-3)  # nano preset TriLM LRs
+    assert [r["lr"] for r in recs] == [sched.lr(s) for s in range(1, 7)]
+    assert [r["wd"] for r in recs] == [0.1] * 4 + [0.0] * 2  # off after step floor(2/3 * 6) = 4
+    assert recs[2]["lr"] == pytest.approx(6e-3 * (1 - 0.9 * 1 / 4))  # step 3: last before the drop at 1/2
+    assert recs[3]["lr"] == pytest.approx(4e-3 * (1 - 0.9 * 2 / 4))  # step 4: peak dropped, same line
+    m, conf = load_model(final_checkpoint(run))
+    assert conf["spectra"]["family"] == "bilm"
+    w = m.layers[1].self_attn.q_proj.weight
+    assert w.abs().unique().numel() == 1  # binary: alpha * sign, one magnitude per shard
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager(data_dir, tmp_path):
+    common = {**TINY, "schedule.steps": 3, "eval.at_end": False}
+    eager = losses(train(cfg_for(data_dir, tmp_path / "eager", **common)))
+    comp = losses(train(cfg_for(data_dir, tmp_path / "comp", **{**common, "train.compile": True})))
+    assert all(abs(eager[s] - comp[s]) <= 1e-4 for s in eager)

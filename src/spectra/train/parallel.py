@@ -69,6 +69,14 @@ def close_distributed(d: Dist) -> None:
         td.destroy_process_group()
 
 
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile every transformer block in place (torchtitan style: before sharding; all
+    blocks share one compiled graph, so compile time does not grow with depth)."""
+    for block in model.layers:
+        block.compile()
+    return model
+
+
 def parallelize(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
     """Return the module to train: the model itself, a DDP wrapper, or the FSDP2-sharded model."""
     if strategy == "auto":

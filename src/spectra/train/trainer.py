@@ -287,6 +287,10 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     barrier(d)
 
     base = build_model(plan, cfg).to(d.device)
+    if cfg.train.compile:
+        from .parallel import apply_compile
+
+        apply_compile(base)
     model = parallelize(base, plan.parallel, d)
     opt = build_optimizer(model, cfg, plan.lr, d.device.type)
     sched: Schedule = build_schedule(cfg, plan.family, plan.steps, plan.lr, plan.lr_after)
