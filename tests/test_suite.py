@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
 from spectra.errors import SpectraError
 from spectra.suite import Suite, describe_plan, make_plan
 
 pytest.importorskip("spectra.data")
 pytest.importorskip("spectra.train")
 
-REDUCED = dict(tokens=24 * 1024, batch_tokens=8 * 128, seq_len=128, quant_bits=[8, 4], calib_samples=8,
-               calib_seqlen=128, eval_limit=4, val_windows=8, log_spaced_until=8, vocab_size=512)
+REDUCED = dict(tokens=16 * 1024, batch_tokens=8 * 128, seq_len=128, quant_bits=[8, 4], calib_samples=8,
+               calib_seqlen=128, eval_limit=4, val_windows=8, log_spaced_until=4, vocab_size=512)
 
 
 def _plan(**kw):
@@ -34,9 +35,9 @@ def test_plan_errors_and_dry_run():
 
 
 @pytest.fixture(scope="module")
-def reduced_suite(tmp_path_factory, shared):
+def reduced_suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("suite") / "s"
-    task_data = shared("eval")
+    task_data = shared_data("eval")
     report = Suite(_plan(task_data=str(task_data)), out, progress=False).run()
     return out, report
 

@@ -264,6 +264,9 @@ class Suite:
         for model_id, path, fam, size in self.final_models():
             self.stage(f"eval/{model_id}", self.eval_one, model_id, path, fam, size)
         for size in self.plan.sizes:
+            if f"pack/{size}" in self.done():
+                self.stage(f"eval/trilm-{size}-packed", self.eval_packed, size)
+        for size in self.plan.sizes:
             for fam in self.plan.families:
                 self.stage(f"checkpoints/{fam}-{size}", self.eval_checkpoints, fam, size)
         report = self.write_report()
@@ -314,7 +317,7 @@ class Suite:
             "batch.global_tokens": p.batch_tokens, "batch.micro_batch": min(16, p.batch_tokens // p.seq_len),
             "schedule.steps": steps, "train.seed": p.seed,
             "checkpoint.log_spaced": True, "checkpoint.log_spaced_until": p.log_spaced_until,
-            "checkpoint.every": p.checkpoint_every, "checkpoint.ephemeral_every": max(1, steps // 10),
+            "checkpoint.every": p.checkpoint_every, "checkpoint.ephemeral_every": max(1, steps // 4),
             "eval.every": eval_every, "log.progress": self.progress,
         }, source="suite plan")
         return cfg.replace(out=str(self.run_dir(fam, size)), resume="auto")
@@ -353,11 +356,11 @@ class Suite:
         return out
 
     def pack_one(self, size: str) -> dict:
-        from spectra.infer import pack_checkpoint
+        from spectra.infer import write_packed
 
         src = self.final_checkpoint("trilm", size)
         dst = self.out / "packed" / size
-        pack_checkpoint(src, dst, fmt=self.plan.pack_format)
+        write_packed(src, dst, fmt=self.plan.pack_format)
         return {"packed": str(dst)}
 
     def final_models(self) -> list[tuple[str, Path, str, str]]:
@@ -396,6 +399,17 @@ class Suite:
                        progress=self.progress)
         return {"results": str(out), "val_loss": res.get("val_loss"), "six_task_avg": res.get("six_task_avg")}
 
+    def eval_packed(self, size: str) -> dict:
+        """Validation loss of the packed TriLM through the native engine (same windows)."""
+        from spectra.eval import evaluate
+
+        path = Path(self.done()[f"pack/{size}"]["result"]["packed"])
+        out = self.out / "eval" / f"trilm-{size}-packed.json"
+        res = evaluate(str(path), tasks=None, out=out, val_data=str(self.data_dir), val_seq_len=self.plan.seq_len,
+                       val_windows=self.plan.val_windows, progress=self.progress)
+        nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != "tokenizer.json")
+        return {"results": str(out), "val_loss": res.get("val_loss"), "bytes": nbytes}
+
     def eval_checkpoints(self, fam: str, size: str) -> dict:
         """Validation loss of every permanent intermediate checkpoint (same windows as the finals)."""
         from spectra.checkpoint import load_model, read_config
@@ -427,6 +441,10 @@ class Suite:
             ev = d.get(f"eval/{model_id}", {}).get("result")
             if ev:
                 eval_into(rec, json.loads(Path(ev["results"]).read_text()))
+            packed = d.get(f"eval/{model_id}-packed", {}).get("result")
+            if packed:
+                rec.extra["packed"] = {"val_loss": packed["val_loss"], "bytes": packed["bytes"],
+                                       "format": self.plan.pack_format}
             recs.append(rec)
         # QuantLMs with several seeds: the report shows the first seed; results.json keeps all
         return recs

@@ -108,6 +108,13 @@ def markdown(recs: list[ModelRecord], fits: dict, notes: dict, figures: dict[str
         md.append("\nPaper (300B tokens, SlimPajama, NeoX tokenizer): "
                   + "; ".join(f"{FAMILY_LABEL[f]} A={v['A']}, α={v['alpha']}, ε={v['eps']}" for f, v in SCALING.items())
                   + ". Losses from a different tokenizer/corpus are not directly comparable; the plots show both.\n")
+    packed = [r for r in recs if r.extra.get("packed")]
+    if packed:
+        md.append("\n## Packed TriLMs (native CPU engine)\n")
+        md.append(_table(["model", "format", "packed size (MB)", "val loss (PyTorch)", "val loss (packed engine)"],
+                         [[r.id, r.extra["packed"]["format"], f"{r.extra['packed']['bytes'] / 1e6:.2f}",
+                           _fmt(r.val_loss, 4), _fmt(r.extra["packed"]["val_loss"], 4)] for r in packed]))
+        md.append("\nThe packed engine quantizes activations to 8 bits, so its loss differs slightly.\n")
     gap = trilm_gap(recs)
     if gap:
         md.append("\n## TriLM vs FloatLM gap (final validation loss)\n")
