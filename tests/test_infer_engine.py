@@ -162,7 +162,7 @@ def test_generate_cli(micro, capsys):
     from spectra.cli import main
 
     assert main(["generate", str(micro["t1"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--ignore-eos",
-                 "--threads", "2"]) == 0
+                 "--threads", "2", "--act", "int8"]) == 0
     cap = capsys.readouterr()
     assert len(cap.out.strip().split(",")) == 6 and "decode" in cap.err and "tok/s" in cap.err
     assert main(["generate", str(micro["ck"]), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--json",
@@ -188,8 +188,8 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     data = build_dataset(text, d / "data", tokenizer=None, vocab_size=2048, progress=False)
     cfg = TrainConfig().override([
-        "model.preset=micro", "model.family=trilm", f"data.dir={data}", "data.seq_len=128",
-        "batch.global_tokens=2048", "batch.micro_batch=16", "schedule.steps=80", "train.threads=2",
+        "model.preset=micro", "model.family=trilm", f"data.dir={data}", "data.seq_len=64",
+        "batch.global_tokens=1024", "batch.micro_batch=16", "schedule.steps=40", "train.threads=2",
         "checkpoint.log_spaced=false", "checkpoint.every=0", "eval.at_end=false", "log.progress=false",
         "log.tensorboard=false"]).replace(out=str(d / "run"))
     ck = final_checkpoint(train(cfg))

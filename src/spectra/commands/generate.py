@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avx512"],
                    help="native code path (default: $SPECTRA_KERNEL or the best the CPU supports)")
+    p.add_argument("--act", default="int8x2", choices=["int8x2", "int8"],
+                   help="native activation quantization: int8x2 (int8 + int8 residual, ~15 bits; default) or int8 (faster prefill)")
     p.add_argument("--threads", type=int, default=None, help="threads (default: all available cores)")
     p.add_argument("--max-len", type=int, default=None, help="context length to allocate (default: the model's)")
     p.add_argument("--no-verify", action="store_true", help="skip the checksum check of a packed file")
@@ -43,9 +45,10 @@ def run(args) -> int:
         raise SpectraError(f"'{path}' does not exist")
     if is_packed_dir(path):
         meta = json.loads((path / PACKED_JSON).read_text())
-        eos = meta.get("eos_token_id")
+        eos, model_max = meta.get("eos_token_id"), int(meta["model"]["max_seq_len"])
     else:
-        eos = read_config(path).get("eos_token_id")
+        d = read_config(path)
+        eos, model_max = d.get("eos_token_id"), int(d.get("max_position_embeddings", 2048))
     tok = load_tokenizer(path)
     if args.prompt is not None:
         if tok is None:
@@ -57,9 +60,10 @@ def run(args) -> int:
         except ValueError:
             raise SpectraError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()
-    max_len = args.max_len or None
+    # KV cache sized for this request (not the model's full context) unless --max-len says otherwise
+    max_len = args.max_len or min(model_max, len(ids) + max(args.max_new_tokens, 0))
     engine = load_engine(path, args.backend, max_len=max_len, n_threads=args.threads, kernel=args.kernel,
-                         verify=not args.no_verify)
+                         verify=not args.no_verify, act=args.act)
     try:
         out = (lambda s: None) if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         res = generate(engine, ids, args.max_new_tokens, sampling, tok, args.stop,

@@ -18,7 +18,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
     import torch
 
     from spectra.checkpoint import from_hf_names, read_weights
@@ -41,5 +40,4 @@ def run(args) -> int:
     print(f"  ternary matrices {lin / 1e6:.2f} MB at {meta['linear_bits_per_weight']:.4f} bits/weight (incl. fp32 gammas)")
     print(f"  embedding {emb / 1e6:.2f} MB (f16), head {head / 1e6:.2f} MB ({args.head}), "
           f"norms {sum(a.nbytes for n, a in pm.arrays.items() if n.endswith('norm.weight')) / 1e6:.3f} MB")
-    del np
     return 0
