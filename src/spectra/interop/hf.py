@@ -162,8 +162,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def _write(conv: Converted, out: Path, dtype: torch.dtype, meta: dict, tok_src: Path | None) -> Path:
     from spectra.model import build_meta
 
+    changed = any(v.dtype != dtype for v in conv.state.values())
     sd = {k: v.to(dtype) for k, v in conv.state.items()}
-    if conv.family == "trilm":
+    if conv.family == "trilm" and changed:
         # fp16/bf16 may round gamma: the result is still gamma'*W_hat, check it stays ternary.
         decompose(sd, conv.cfg.mp, f"{out} ({str(dtype).removeprefix('torch.')})")
     model = build_meta(conv.cfg)  # only its config is used by save_model when state_dict is given
