@@ -94,6 +94,7 @@ def test_metrics_identical_to_hf(both):
 def test_loglikelihood_rolling_equals_direct(tiny):
     from spectra.eval.lm import SpectraLM
 
+    assert torch.is_grad_enabled()
     lm = SpectraLM(pretrained=str(tiny))
     text = "The quick brown fox jumps over the lazy dog. " * 4
     (ll,) = lm.loglikelihood_rolling([_Req(text)], disable_tqdm=True)
@@ -113,6 +114,7 @@ def test_loglikelihood_rolling_equals_direct(tiny):
     assert math.isclose(res["ppl"], math.exp(-direct / n), rel_tol=1e-5)
     assert math.isclose(res["bits_per_byte"], -direct / (math.log(2) * len(text.encode())), rel_tol=1e-5)
     os.unlink(f.name)
+    assert torch.is_grad_enabled()  # evaluation inside a training process leaves autograd alone
 
 
 def test_rolling_windows_match_hf_when_text_exceeds_context(tiny):

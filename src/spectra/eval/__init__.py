@@ -58,6 +58,7 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
     from torch import nn
 
     from spectra.checkpoint import read_config
+    from spectra.errors import SpectraError
     from spectra.eval.loading import describe
 
     if task_data is not None:
@@ -87,8 +88,13 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
                     "bootstrap_iters": bootstrap_iters, "num_fewshot": 0}
         t0 = time.perf_counter()
         if names:
-            lm_res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=None,
-                                             bootstrap_iters=bootstrap_iters, log_samples=log_samples)
+            try:
+                lm_res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                                 num_fewshot=None, bootstrap_iters=bootstrap_iters,
+                                                 log_samples=log_samples)
+            except ConnectionError as e:  # hub datasets without network / cache
+                raise SpectraError(f"{e}; no network or Hugging Face cache for the hub datasets: pass "
+                                   f"--task-data DIR with local JSON Lines (docs/evaluation.md)") from None
     ppl = None
     if ppl_files:
         ppl = perplexity(lm.loaded, ppl_files, ppl_seq_len, ppl_stride, batch_size=max(1, min(batch_size, 8)),
