@@ -119,14 +119,14 @@ def main():
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    load0 = os.getloadavg()[0]
+    load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = []
     for s in a.shapes.split(","):
         if s == "micro":
             rows.append(bench_shape("micro", get_preset("micro").model, 16, 256, a.steps, a.compile))
         elif s == "99m":
             rows.append(bench_shape("99m (seq 128)", get_preset("99m").model, 4, 128, max(3, a.steps // 2), a.compile))
-    load1 = os.getloadavg()[0]
+    load1 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     hdr = ["shape", "batch", "ours_float tok/s", "hf_float tok/s", "ours_trilm tok/s", "ours/HF speed", "TriLM/Float time"]
     print(" | ".join(hdr))
     for r in rows:
@@ -134,20 +134,25 @@ def main():
               f"{r['ours_trilm_tok_s']:.0f} | {r['ours_vs_hf']:.2f}x | {r['trilm_vs_float']:.2f}x")
     if a.no_record:
         return
-    cmd = "python benchmarks/bench_train.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items() if k not in ("no_record",) and v not in (False, None))
+    cmd = "python benchmarks/bench_train.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(a).items()
+        if k != "no_record" and v not in (False, None))
+    figs = "; ".join(
+        f"{r['shape']} batch {r['batch']}: ours FloatLM {r['ours_float_tok_s']:.0f} tok/s, HF LlamaForCausalLM "
+        f"{r['hf_float_tok_s']:.0f} tok/s (**ours/HF {r['ours_vs_hf']:.2f}x**), ours TriLM {r['ours_trilm_tok_s']:.0f} tok/s "
+        f"(**TriLM/Float step time {r['trilm_vs_float']:.2f}x**)" for r in rows)
+    figs = (f"fp32, AdamW + clip, median of round-robin steps{', our blocks torch.compiled' if a.compile else ''}; "
+            + figs)
     if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nRows appended by benchmarks/bench_*.py. Timings on shared 2-core machines are noisy; "
-                           "compare ratios measured in the same run.\n\n")
-    lines = [f"\n## bench_train {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} — {cpu_name()} ({cpu_flags()}), "
-             f"torch {torch.__version__}, {a.threads} threads, fp32, load avg {load0:.1f}->{load1:.1f}\n",
-             f"`{cmd}` (median of {a.steps} round-robin steps; 99m: {max(3, a.steps // 2)})\n\n",
-             "| " + " | ".join(hdr) + " |\n", "|" + "---|" * len(hdr) + "\n"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['ours_float_tok_s']:.0f} | {r['hf_float_tok_s']:.0f} | "
-                     f"{r['ours_trilm_tok_s']:.0f} | {r['ours_vs_hf']:.2f}x | {r['trilm_vs_float']:.2f}x |\n")
+        RESULTS.write_text("# Benchmark results\n\n| date | area | machine | load (1/5/15 min) | command | figures |\n"
+                           "|---|---|---|---|---|---|\n")
+    row = (f"| {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} | train | {cpu_name()} ({cpu_flags()}), torch "
+           f"{torch.__version__} threads {a.threads} | {load0} -> {load1} | `{cmd}` | {figs} |\n")
+    text = RESULTS.read_text()
     with open(RESULTS, "a") as f:
-        f.writelines(lines)
-
+        if not text.endswith("\n"):
+            f.write("\n")
+        f.write(row)
 
 if __name__ == "__main__":
     main()
