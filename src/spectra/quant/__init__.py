@@ -2,7 +2,7 @@
 
 from spectra.quant.api import (
     calibration_tokens, is_packed_gptq, load_quantized, quantize_model, read_packed_state, refuse_non_float,
-    save_packed, save_quantized,
+    save_packed, save_quantized, spec_of,
 )
 from spectra.quant.gptq import Hessian, gptq_quantize, output_error
 from spectra.quant.rtn import SUPPORTED_BITS, QuantResult, dequantize, rtn_quantize
@@ -11,5 +11,5 @@ from spectra.quant.sequential import QuantSpec, quantize_layers
 __all__ = [
     "Hessian", "QuantResult", "QuantSpec", "SUPPORTED_BITS", "calibration_tokens", "dequantize", "gptq_quantize",
     "is_packed_gptq", "load_quantized", "output_error", "quantize_layers", "quantize_model", "read_packed_state",
-    "refuse_non_float", "rtn_quantize", "save_packed", "save_quantized",
+    "refuse_non_float", "rtn_quantize", "save_packed", "save_quantized", "spec_of",
 ]
