@@ -23,6 +23,8 @@ def register(sub) -> None:
     p.add_argument("--resume", help="'auto' (newest complete checkpoint of --out), 'none', or a checkpoint dir")
     p.add_argument("--init-from", help="start from a spectra checkpoint or Hugging Face Llama directory")
     p.add_argument("--seed", type=int, help="model init seed")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data directory's fingerprint changed (data.allow_change=true)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="dotted override (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the merged config as JSON and exit")
     p.set_defaults(func=run)
@@ -49,6 +51,8 @@ def build_config(args):
         flags["resume"] = args.resume
     if args.init_from:
         flags["model.init_from"] = args.init_from
+    if args.allow_data_change:
+        flags["data.allow_change"] = True
     if args.seed is not None:
         flags["train.seed"] = args.seed
     cfg = cfg.override(flags, "command line")

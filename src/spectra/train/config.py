@@ -44,6 +44,7 @@ class DataSection:
     seq_len: int | None = None  # None: min(preset max_seq_len, 2048)
     seed: int = 0  # data order (shuffle) seed; same seed -> same order for every model
     val_split: str = "validation"
+    allow_change: bool = False  # resume even if the data directory's fingerprint changed
 
 
 @dataclass

@@ -187,7 +187,7 @@ def _check_run_dir(run: Path, resolved: TrainConfig, resume: str) -> None:
     old = json.loads(f.read_text())
     new = resolved.to_dict()
     diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in _IDENTITY for k, v in new[sec].items()
-             if old.get(sec, {}).get(k) != v and not (sec == "model" and k == "init_from")]
+             if old.get(sec, {}).get(k) != v and (sec, k) not in (("model", "init_from"), ("data", "allow_change"))]
     if old.get("train", {}).get("seed") != new["train"]["seed"]:
         diffs.append(f"train.seed: {old.get('train', {}).get('seed')} -> {new['train']['seed']}")
     if resume == "none":
@@ -307,7 +307,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         resume_from = Path(cfg.resume)
     if resume_from is not None:
         st = ck.load_train_state(resume_from, model, opt, d)
-        loader.load_state_dict(st["loader"])
+        loader.load_state_dict(st["loader"], allow_fingerprint_mismatch=cfg.data.allow_change)
         scaler.load_state_dict(st["scaler"])
         step, bad_total = int(st["step"]), int(st.get("bad_steps", 0))
     if d.is_main:  # drop records of steps that will be replayed (all of them on a fresh start)
