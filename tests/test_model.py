@@ -72,3 +72,35 @@ def test_loss_is_finite_and_backprops():
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.5
     assert all(p.grad is not None for p in m.parameters())
+
+
+def test_atomic_writes_keep_previous_and_use_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from spectra.fsutil import atomic_dir, atomic_write_text
+
+    f = tmp_path / "a.txt"
+    atomic_write_text(f, "one")
+    try:
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("partial")
+            raise RuntimeError("interrupted")
+    except RuntimeError:
+        pass
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.*"))
+    try:
+        from spectra.fsutil import atomic_path
+
+        with atomic_path(f) as tmp:
+            tmp.write_text("two")
+            raise RuntimeError("interrupted")
+    except RuntimeError:
+        pass
+    assert f.read_text() == "one"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "x").write_text("ok")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask
