@@ -40,6 +40,9 @@ def test_matmul_within_int8_bound(kernel, fmt, levels):
         x = torch.randn(7, k) * torch.linspace(0.1, 3.0, k)  # uneven magnitudes: blocks get different scales
         x[0, 3] = 40.0  # an outlier
         y = native_matmul(x.numpy(), m, kernel=kernel, n_threads=2, levels=levels).astype(np.float64)
+        for t in (1, 2):  # decode-sized calls take the in-register t2 path: same numbers as prefill's
+            y1 = native_matmul(x[:t].numpy(), m, kernel=kernel, n_threads=2, levels=levels).astype(np.float64)
+            np.testing.assert_allclose(y1, y[:t], rtol=1e-5, atol=1e-6 * np.abs(y).max())
         exact = (x.double() @ m.dequantize().double().T).numpy()
         emul = reference_matmul(x, m, levels).numpy()
         bound = activation_error_bound(x, m, levels).numpy()

@@ -69,8 +69,8 @@ typedef struct spx_pool {
     pthread_t *th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    long gen;
-    int stop;
+    atomic_long gen;
+    atomic_int stop;
     void (*fn)(void *, int);
     void *arg;
     atomic_int pending;
@@ -93,10 +93,13 @@ static void *worker_main(void *a_) {
     long seen = 0;
     free(a);
     for (;;) {
+        /* spin a little before sleeping: in generation the next forward call comes within
+         * microseconds (Python samples one token), and a futex wake-up costs more than that */
+        for (int spins = 0; spins < 20000 && atomic_load(&p->gen) == seen && !atomic_load(&p->stop); spins++) cpu_relax();
         pthread_mutex_lock(&p->mu);
-        while (p->gen == seen && !p->stop) pthread_cond_wait(&p->cv, &p->mu);
+        while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
         if (p->stop) { pthread_mutex_unlock(&p->mu); return NULL; }
-        seen = p->gen;
+        seen = atomic_load(&p->gen);
         void (*fn)(void *, int) = p->fn;
         void *arg = p->arg;
         pthread_mutex_unlock(&p->mu);
@@ -122,7 +125,7 @@ static spx_pool *pool_new(int n) {
 static void pool_free(spx_pool *p) {
     if (!p) return;
     pthread_mutex_lock(&p->mu);
-    p->stop = 1;
+    atomic_store(&p->stop, 1);
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
@@ -135,7 +138,7 @@ static void pool_run(spx_pool *p, void (*fn)(void *, int), void *arg) {
     if (p->n == 1) { fn(arg, 0); return; }
     atomic_store(&p->pending, p->n - 1);
     pthread_mutex_lock(&p->mu);
-    p->fn = fn; p->arg = arg; p->gen++;
+    p->fn = fn; p->arg = arg; atomic_fetch_add(&p->gen, 1);
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
     fn(arg, 0);
