@@ -31,6 +31,13 @@
 #define SPX_X86 1
 #endif
 
+/* software prefetch of the output head ~4 rows ahead (NTA: the head is streamed once per token
+ * and should not evict the ternary weights from the caches) */
+#ifndef SPX_HEAD_HINT
+#define SPX_HEAD_HINT _MM_HINT_NTA
+#endif
+#define SPX_PREFETCH_HEAD(p) _mm_prefetch((const char *)(p), SPX_HEAD_HINT)
+
 #define QK 256          /* weights per block along K (both formats) */
 #define T2_BLOCK 64     /* bytes per block: 256 x 2 bits */
 #define T1_BLOCK 52     /* bytes per block: 160 + 80 trits at 5/byte, 16 at 4/byte */
