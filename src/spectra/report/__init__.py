@@ -32,9 +32,16 @@ def fit_families(recs: list[ModelRecord]) -> tuple[dict[str, PowerLawFit], dict[
                 notes[fam] = f"{len(pts)} size(s): a 3-parameter law needs at least 3"
             continue
         try:
-            fits[fam] = fit_power_law([p for p, _ in pts], [v for _, v in pts])
+            fit = fit_power_law([p for p, _ in pts], [v for _, v in pts])
         except (RuntimeError, ValueError) as e:  # LM did not converge: say so in the report
             notes[fam] = f"fit failed: {e}"
+            continue
+        fits[fam] = fit
+        if fit.alpha <= 0:
+            notes[fam] = ("loss does not fall with size in these runs (α ≤ 0): the models are too briefly "
+                          "trained for a scaling law; the fit is shown but not meaningful")
+        elif len(pts) == 3:
+            notes[fam] = "3 points for 3 parameters: the fit is exact and has no uncertainty"
     return fits, notes
 
 
