@@ -46,6 +46,8 @@ def test_reduced_suite_end_to_end(reduced_suite):
     out, report = reduced_suite
     text = report.read_text()
     assert "TriLM" in text and "FloatLM" in text and "QuantLM 4" in text
+    assert "a unigram model (train-split token frequencies) scores" in text
+    assert "Packed TriLMs (native CPU engine)" in text
     for png in ["loss_curves.png", "scaling_params.png", "ppl_vs_bits.png"]:
         assert (report.parent / png).exists(), png
     models = json.loads((out / "models.json").read_text())["models"]

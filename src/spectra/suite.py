@@ -201,6 +201,24 @@ def _dur(s: float) -> str:
     return f"{s / 86400:.0f}d"
 
 
+def unigram_loss(data_dir) -> float:
+    """Validation cross-entropy (nats/token) of the train split's unigram distribution (add-one).
+
+    The baseline a language model must beat by far to have learned anything beyond
+    token frequencies.
+    """
+    import numpy as np
+
+    from spectra.data import TokenDataset
+
+    tr, va = TokenDataset(data_dir, "train"), TokenDataset(data_dir, "validation")
+    v = max(int(tr.padded_vocab_size), int(tr.vocab_size))
+    counts = np.bincount(np.asarray(tr.read(0, tr.num_tokens), dtype=np.int64), minlength=v).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    val = np.asarray(va.read(0, va.num_tokens), dtype=np.int64)
+    return float(-logp[val].mean())
+
+
 # ----------------------------------------------------------------------------- stages
 
 class Suite:
@@ -305,7 +323,7 @@ class Suite:
                 f"({steps_of(self.plan)} steps x {self.plan.batch_tokens:,} tokens, one epoch as in the paper); "
                 "use a larger corpus or lower --tokens")
         return {"dir": str(self.data_dir), "train_tokens": int(ds.num_tokens), "fingerprint": ds.fingerprint,
-                "vocab_size": int(ds.vocab_size)}
+                "vocab_size": int(ds.vocab_size), "unigram_loss": unigram_loss(self.data_dir)}
 
     def run_dir(self, fam: str, size: str) -> Path:
         return self.out / "runs" / f"{fam}-{size}"
@@ -460,9 +478,12 @@ class Suite:
         recs = self.records()
         atomic_write_json(self.out / "models.json", {"plan": self.plan.to_dict(), "models": [r.to_dict() for r in recs]})
         p = self.plan
+        uni = (self.done().get("data", {}).get("result", {}) or {}).get("unigram_loss") or unigram_loss(self.data_dir)
         pre = (f"Suite `{p.preset}`: sizes {', '.join(p.sizes)}; {p.tokens:,} tokens per model from `{p.data}`; "
                f"same data order for every run (seed {p.seed}). QuantLMs: {p.quant_method} "
                f"{'/'.join(map(str, p.quant_bits))}-bit, group {p.group_size}. Validation loss: mean token NLL on "
-               f"{p.val_windows} windows of {p.seq_len} tokens of the validation split.\n")
+               f"{p.val_windows} windows of {p.seq_len} tokens of the validation split"
+               + (f"; a unigram model (train-split token frequencies) scores {uni:.3f} nats/token there" if uni else "")
+               + ".\n")
         return write_report([], self.out / "report", paper=True, records=recs, preamble=pre,
                             title=f"Spectra suite report ({p.preset})")
