@@ -101,3 +101,11 @@ def test_cli_errors_exit_2():
 def test_cli_version_and_help():
     assert _cli("--version").stdout.startswith("spectra-lm ")
     assert "info" in _cli("--help").stdout
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_count_params_equals_full_meta_count(name):
+    from spectra.model import count_params
+
+    cfg = get_preset(name).model
+    assert count_params(cfg) == param_counts(build_meta(cfg))

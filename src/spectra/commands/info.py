@@ -13,12 +13,12 @@ def register(sub) -> None:
 def preset_rows(names=None) -> list[dict]:
     from spectra.bits import FAMILIES, size_bits
     from spectra.config import PRESETS, get_preset
-    from spectra.model import build_meta, param_counts
+    from spectra.model import count_params
 
     presets = [get_preset(n) for n in names] if names else list(PRESETS.values())
     rows = []
     for p in presets:
-        c = param_counts(build_meta(p.model))  # meta device: nothing allocated
+        c = count_params(p.model)  # from shapes; equals a meta-device count (tested)
         row = {"preset": p.name, "dim": p.model.dim, "ffn": p.model.ffn_dim, "heads": p.model.n_heads,
                "layers": p.model.n_layers, "mp": p.model.mp, "vocab": p.model.vocab_size,
                "params": c["total"], "paper_count": c["paper"], "non_embedding": c["non_embedding"],
