@@ -93,16 +93,22 @@ def save_model(
         save_safetensors(to_hf_names(sd), tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config(model.cfg, family, dtype, meta))
         atomic_write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0, "_from_model_config": True})
-        if tokenizer is not None:
-            tok = Path(tokenizer)
-            if tok.is_dir():
-                tok = tok / "tokenizer.json"
-            if tok.exists():
-                shutil.copyfile(tok, tmp / "tokenizer.json")
-                atomic_write_json(tmp / "tokenizer_config.json", {
-                    "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": None,
-                    "model_max_length": model.cfg.max_seq_len, "clean_up_tokenization_spaces": False})
+        copy_tokenizer(tokenizer, tmp, model.cfg.max_seq_len)
     return out
+
+
+def copy_tokenizer(tokenizer, out_dir: Path, max_len: int) -> None:
+    """Put ``tokenizer.json`` (from a file or a directory holding one) and a HF tokenizer_config in ``out_dir``."""
+    if tokenizer is None:
+        return
+    tok = Path(tokenizer)
+    if tok.is_dir():
+        tok = tok / "tokenizer.json"
+    if tok.exists():
+        shutil.copyfile(tok, out_dir / "tokenizer.json")
+        atomic_write_json(out_dir / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": None,
+            "model_max_length": max_len, "clean_up_tokenization_spaces": False})
 
 
 def read_config(path: str | Path) -> dict:

@@ -82,7 +82,7 @@ def save_packed(model, qstate: dict[str, QuantResult], out_dir: str | Path, spec
                 dtype: torch.dtype = torch.float16, meta: dict | None = None, tokenizer: str | Path | None = None,
                 checkpoint_format: str = "gptq", report: dict | None = None) -> Path:
     """Write the AutoGPTQ/GPTQModel-layout directory (atomically)."""
-    from spectra.checkpoint import hf_config
+    from spectra.checkpoint import copy_tokenizer, hf_config
     from spectra.fsutil import atomic_dir, atomic_write_json, save_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
@@ -106,25 +106,8 @@ def save_packed(model, qstate: dict[str, QuantResult], out_dir: str | Path, spec
         atomic_write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0, "_from_model_config": True})
         if report is not None:
             atomic_write_json(tmp / REPORT_FILE, report)
-        _copy_tokenizer(tokenizer, tmp, model.cfg.max_seq_len)
+        copy_tokenizer(tokenizer, tmp, model.cfg.max_seq_len)
     return out
-
-
-def _copy_tokenizer(tokenizer, tmp: Path, max_len: int) -> None:
-    import shutil
-
-    from spectra.fsutil import atomic_write_json
-
-    if tokenizer is None:
-        return
-    tok = Path(tokenizer)
-    if tok.is_dir():
-        tok = tok / "tokenizer.json"
-    if tok.exists():
-        shutil.copyfile(tok, tmp / "tokenizer.json")
-        atomic_write_json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": None,
-            "model_max_length": max_len, "clean_up_tokenization_spaces": False})
 
 
 def save_quantized(model, qstate: dict[str, QuantResult], out_dir: str | Path, spec: QuantSpec, *,
