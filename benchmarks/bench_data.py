@@ -33,24 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_summary  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
-
-
-def cpu_summary() -> str:
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16") if f in flags]
-    return f"{model} x{os.cpu_count()} ({' '.join(isa) or 'no avx2'})"
 
 
 def load_avg() -> str:

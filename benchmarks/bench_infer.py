@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -234,7 +235,7 @@ def main() -> None:
     ap.add_argument("--torch-reps", type=int, default=1)
     ap.add_argument("--acts", default="int8x2,int8", help="native activation modes to measure")
     ap.add_argument("--kernel", default=None, help="native kernel path (default: best)")
-    ap.add_argument("--work", default="/tmp/spectra-bench-infer", help="where model files are cached")
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "spectra-bench-infer"), help="where model files are cached")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

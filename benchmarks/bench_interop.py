@@ -21,24 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_summary as _cpu_summary  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 TOKENIZER = (REPO / ".." / "shared" / "data" / "tokenizer" / "gpt-neox-20b.json").resolve()
 
 
 def cpu_summary() -> str:
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags]
-    return f"{model} x{os.cpu_count()} ({' '.join(isa) or 'no avx2'})"
+    return _cpu_summary(("avx2", "avx512f", "avx512_vnni", "avx512_bf16"))
 
 
 def load_avg() -> str:

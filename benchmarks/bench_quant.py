@@ -24,6 +24,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -157,7 +158,7 @@ def main() -> int:
     p.add_argument("--q-nsamples", type=int, default=64)
     p.add_argument("--q-seqlen", type=int, default=128)
     p.add_argument("--val-windows", type=int, default=256)
-    p.add_argument("--work", default="/tmp/spectra-bench-quant")
+    p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "spectra-bench-quant"))
     p.add_argument("--no-record", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
