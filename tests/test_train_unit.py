@@ -171,3 +171,14 @@ def test_mfu_flops_formula():
     mc = get_preset("99m").model
     c = param_counts(build_meta(mc))
     assert flops_per_token(mc, 2048) == 6 * c["non_embedding"] + 12 * mc.n_layers * mc.dim * 2048
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+
+    from spectra.train.cpu import keep_freed_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert keep_freed_memory() is True
+    assert keep_freed_memory() is True  # idempotent

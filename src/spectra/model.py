@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectra.config import ModelConfig
+from spectra.losses import linear_cross_entropy
 
 LinearFactory = Callable[[int, int, str], nn.Module]
 
@@ -189,14 +190,25 @@ class Transformer(nn.Module):
             cache.pos += t
         return self.norm(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab]."""
-        return self.lm_head(self.hidden(idx, cache))
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                ignore_index: int = -100) -> torch.Tensor:
+        """Logits [B, T, vocab]; or, given ``targets`` [B, T], the mean next-token loss.
+
+        The loss path fuses the head with the cross-entropy (:mod:`spectra.losses`): the
+        logits are never materialized. Training calls the module this way so that
+        DDP/FSDP hooks see the head weight used inside ``forward``.
+        """
+        h = self.hidden(idx, cache)
+        if targets is None:
+            return self.lm_head(h)
+        if type(self.lm_head) is nn.Linear:
+            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
+        logits = self.lm_head(h)  # a replaced head (adapter, quantized): the plain path
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy (fp32 logits)."""
-        logits = self.forward(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+        """Mean next-token cross-entropy (fp32 reduction)."""
+        return self(idx, targets=targets, ignore_index=ignore_index)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -88,6 +88,8 @@ class TrainSection:
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
     compile: bool = False  # torch.compile each block (one graph reused by all layers); pays off on long runs
+    fused_loss: bool = True  # head + cross-entropy in row blocks, logits never materialized (spectra.losses)
+    keep_freed_memory: bool = True  # CPU: glibc keeps large freed blocks for reuse (no per-step page faults)
     loss_scale_init: float = 2.0**16
     loss_scale_window: int = 1000  # overflow-free steps before doubling the fp16 loss scale
     loss_scale_min: float = 1.0

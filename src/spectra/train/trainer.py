@@ -63,6 +63,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     d = init_distributed(cfg.train.device)
+    if d.device.type == "cpu" and cfg.train.keep_freed_memory:
+        from .cpu import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return _train(cfg, d)
     finally:
@@ -235,9 +239,11 @@ def build_model(plan: Plan, cfg: TrainConfig):
 
 # -- the loop ---------------------------------------------------------------------------
 
-def _loss(model, x, y):
-    logits = model(x)  # call the module (not .loss) so DDP/FSDP hooks run
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+def _loss(model, x, y, fused: bool = True):
+    # Call the module (not .loss) so that DDP/FSDP hooks run.
+    if fused:
+        return model(x, targets=y)
+    return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
 
 
 @torch.no_grad()
@@ -292,7 +298,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
 
         apply_compile(base)
     model = parallelize(base, plan.parallel, d)
-    opt = build_optimizer(model, cfg, plan.lr, d.device.type)
+    opt = build_optimizer(model, cfg, plan.lr)
     sched: Schedule = build_schedule(cfg, plan.family, plan.steps, plan.lr, plan.lr_after)
     scaler = LossScaler(enabled=plan.precision == "fp16", scale=cfg.train.loss_scale_init,
                         window=cfg.train.loss_scale_window, min_scale=cfg.train.loss_scale_min)
@@ -357,7 +363,7 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
                 ctx = set_grad_sync(model, last)
                 with ctx:
                     with autocast(plan.precision, d.device.type):
-                        loss = _loss(model, x[i * mb : (i + 1) * mb], y[i * mb : (i + 1) * mb])
+                        loss = _loss(model, x[i * mb : (i + 1) * mb], y[i * mb : (i + 1) * mb], cfg.train.fused_loss)
                     (loss * mult).backward()
                 loss_sum += loss.detach().float()
             if scaler.enabled:
