@@ -67,3 +67,28 @@ def test_report_cli_errors(tmp_path):
     from spectra.cli import main
 
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_quantlm_seeds_are_averaged(tmp_path):
+    from spectra.report.collect import average_seeds
+
+    recs = [r for r in _records() if r.family != "q4"]
+    for size, n in [("a", 1e6), ("b", 4e6), ("c", 1.6e7)]:
+        for seed, dl in enumerate([0.00, 0.02, 0.04]):
+            recs.append(ModelRecord(id=f"q3-{size}-s{seed}", family="q3", size=size, params=int(n), size_bits=n * 3.25,
+                                    val_loss=3.0 + dl, six_task_avg=40.0 + seed,
+                                    tasks={"piqa": {"acc": 0.6 + 0.01 * seed, "acc_norm": 0.61}}))
+    avg = average_seeds(recs)
+    q3 = [r for r in avg if r.family == "q3"]
+    assert len(q3) == 3 and len(avg) == len(recs) - 6
+    a = next(r for r in q3 if r.size == "a")
+    assert a.id == "q3-a" and a.val_loss == pytest.approx(3.02) and a.six_task_avg == pytest.approx(41.0)
+    assert a.tasks["piqa"]["acc"] == pytest.approx(0.61) and a.tasks["piqa"]["acc_norm"] == pytest.approx(0.61)
+    assert a.extra["val_loss_std"] == pytest.approx(0.02) and [s["id"] for s in a.extra["seeds"]] == [
+        "q3-a-s0", "q3-a-s1", "q3-a-s2"]
+    # Unchanged: single-seed QuantLMs and the other families, in order.
+    assert [r.id for r in avg if r.family != "q3"] == [r.id for r in recs if r.family != "q3"]
+    text = write_report([], tmp_path, records=recs).read_text()
+    assert "means over calibration seeds" in text and "q3-a" in text and "q3-a-s1" not in text.split("per seed")[0]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert sum(m["family"] == "q3" for m in data["models"]) == 3

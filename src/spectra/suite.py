@@ -387,7 +387,7 @@ class Suite:
         return {"packed": str(dst)}
 
     def final_models(self) -> list[tuple[str, Path, str, str]]:
-        """(id, path, family, size) for every final model: FloatLM, QuantLMs (first seed), TriLM."""
+        """(id, path, family, size) for every final model: FloatLM, QuantLMs (every seed), TriLM."""
         d = self.done()
         rows = []
         for size in self.plan.sizes:
@@ -469,7 +469,7 @@ class Suite:
                 rec.extra["packed"] = {"val_loss": packed["val_loss"], "bytes": packed["bytes"],
                                        "format": self.plan.pack_format}
             recs.append(rec)
-        # QuantLMs with several seeds: the report shows the first seed; results.json keeps all
+        # QuantLMs with several calibration seeds are averaged by the report (average_seeds).
         return recs
 
     def write_report(self) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spectra.fsutil import atomic_write_json, atomic_write_text
 from spectra.report import plots
-from spectra.report.collect import FAMILY_LABEL, FAMILY_ORDER, ModelRecord, load_records
+from spectra.report.collect import FAMILY_LABEL, FAMILY_ORDER, ModelRecord, average_seeds, load_records
 from spectra.report.scaling import PowerLawFit, fit_power_law
 
 SIX = [("arc_challenge", "acc_norm"), ("arc_easy", "acc_norm"), ("hellaswag", "acc_norm"), ("piqa", "acc_norm"),
@@ -79,6 +79,13 @@ def markdown(recs: list[ModelRecord], fits: dict, notes: dict, figures: dict[str
                        _fmt(r.val_ppl, 2), _fmt(r.six_task_avg, 1)]
                       for r in sorted(recs, key=lambda r: (sizes.index(r.size) if r.size in sizes else 0,
                                                             FAMILY_ORDER.index(r.family) if r.family in FAMILY_ORDER else 99))]))
+    seeded = [r for r in recs if r.extra.get("seeds")]
+    if seeded:
+        md.append("\nQuantLM rows are means over calibration seeds (as in the paper); per seed:\n")
+        md.append(_table(["model", "seeds", "val loss per seed", "std", "6-task avg per seed"],
+                         [[r.id, str(len(r.extra["seeds"])),
+                           ", ".join(_fmt(x["val_loss"]) for x in r.extra["seeds"]), _fmt(r.extra.get("val_loss_std"), 4),
+                           ", ".join(_fmt(x["six_task_avg"], 1) for x in r.extra["seeds"])] for r in seeded]))
     md.append("\n## Validation perplexity by size and family (Table 7 layout)\n")
     md.append(_table(["size"] + [FAMILY_LABEL[f] for f in fams],
                      [[s] + [_fmt(by[(f, s)].val_ppl, 2) if (f, s) in by else "–" for f in fams] for s in sizes]))
@@ -161,7 +168,7 @@ def write_report(paths: list, out_dir: str | Path, paper: bool = False, title: s
                  preamble: str = "", records: list[ModelRecord] | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    recs = records if records is not None else load_records(paths)
+    recs = average_seeds(records if records is not None else load_records(paths))
     fits, notes = fit_families(recs)
     figs: dict[str, Path] = {}
     for name, fn in [

@@ -117,6 +117,62 @@ def eval_into(rec: ModelRecord, res: dict) -> None:
         rec.ppl.update(res["ppl"])
 
 
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs: list) -> float | None:
+    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
+    if len(xs) < 2:
+        return None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def average_seeds(recs: list[ModelRecord]) -> list[ModelRecord]:
+    """One record per (QuantLM family, size): the mean over its calibration seeds, as the paper reports.
+
+    QuantLM records of the same family and size (one per GPTQ calibration seed) become one
+    record whose validation loss, 6-task average and per-task metrics are seed means; the
+    per-seed values and the sample standard deviations go to ``extra["seeds"]`` /
+    ``extra["val_loss_std"]`` / ``extra["six_task_std"]``. Other records pass unchanged,
+    in their original order.
+    """
+    groups: dict[tuple[str, str], list[ModelRecord]] = {}
+    for r in recs:
+        if r.family.startswith("q"):
+            groups.setdefault((r.family, r.size), []).append(r)
+    out, seen = [], set()
+    for r in recs:
+        key = (r.family, r.size)
+        if key not in groups or len(groups[key]) == 1:
+            out.append(r)
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        g = groups[key]
+        base = g[0]
+        m = ModelRecord(id=f"{r.family}-{r.size}", family=r.family, size=r.size, params=base.params,
+                        non_embedding=base.non_embedding, size_bits=base.size_bits,
+                        val_loss=_mean([x.val_loss for x in g]), six_task_avg=_mean([x.six_task_avg for x in g]),
+                        extra={**base.extra})
+        for task in sorted({t for x in g for t in x.tasks}):
+            metrics = sorted({k for x in g for k in x.tasks.get(task, {})})
+            vals = {k: _mean([x.tasks.get(task, {}).get(k) for x in g]) for k in metrics}
+            m.tasks[task] = {k: v for k, v in vals.items() if v is not None}
+        for name in sorted({p for x in g for p in x.ppl}):
+            v = _mean([x.ppl.get(name) for x in g])
+            if v is not None:
+                m.ppl[name] = v
+        m.extra["seeds"] = [{"id": x.id, "val_loss": x.val_loss, "six_task_avg": x.six_task_avg} for x in g]
+        m.extra["val_loss_std"] = _std([x.val_loss for x in g if x.val_loss is not None])
+        m.extra["six_task_std"] = _std([x.six_task_avg for x in g if x.six_task_avg is not None])
+        out.append(m)
+    return out
+
+
 def load_records(paths: list[str | Path]) -> list[ModelRecord]:
     recs: list[ModelRecord] = []
     for p in map(Path, paths):
