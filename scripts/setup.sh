@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up spectra-lm in ./.venv on a CPU machine (idempotent, fast when already done).
 #   scripts/setup.sh           core + Hugging Face + data + eval + gguf extras (the main job)
-#   scripts/setup.sh --test    the above + test tools + llama-cpp-python (built from source, ~6 min once)
+#   scripts/setup.sh --test    the above + test tools + tensorboard + llama-cpp-python (built from source, ~6 min once)
 # The CPU build of torch is pinned by requirements/cpu.txt so no CUDA build is downloaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +10,7 @@ EXTRAS="hf,data,eval,gguf"
 LLAMA=0
 for a in "$@"; do
   case "$a" in
-    --test) EXTRAS="$EXTRAS,dev"; LLAMA=1 ;;
+    --test) EXTRAS="$EXTRAS,dev,tensorboard"; LLAMA=1 ;;
     --no-llama) LLAMA=0 ;;
     *) echo "setup.sh: unknown option $a (allowed: --test, --no-llama)" >&2; exit 2 ;;
   esac

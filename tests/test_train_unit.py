@@ -182,3 +182,43 @@ def test_keep_freed_memory_on_glibc():
         pytest.skip("glibc only")
     assert keep_freed_memory() is True
     assert keep_freed_memory() is True  # idempotent
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard not installed (scripts/setup.sh --test installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from spectra.train.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": 5.0 - step, "lr": 1e-3 * step, "note": "x", "finite": True})
+    log.log({"step": 3, "val_loss": 2.5})
+    log.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/loss"} <= tags and "train/note" not in tags and "train/finite" not in tags
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 4.0), (2, 3.0), (3, 2.0)]
+    assert acc.Scalars("val/loss")[0].value == 2.5
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    from spectra.errors import SpectraError
+    from spectra.train.metrics import MetricsLogger
+
+    real = builtins.__import__
+
+    def no_tb(name, *a, **k):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    with pytest.raises(SpectraError, match="spectra-lm\\[tensorboard\\]"):
+        MetricsLogger(tmp_path, tensorboard=True)
+    (tmp_path / "auto").mkdir()
+    assert MetricsLogger(tmp_path / "auto", tensorboard=None).tb is None  # auto: JSONL only, no error

@@ -81,12 +81,14 @@ class MetricsLogger:
         if tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # noqa: BLE001 - tensorboard is optional
+            except ImportError:  # tensorboard is optional
                 if tensorboard:
-                    raise
-                self.tb = None
+                    from spectra.errors import SpectraError
+
+                    raise SpectraError("log.tensorboard=true but TensorBoard is not installed: "
+                                       "pip install 'spectra-lm[tensorboard]' (or set log.tensorboard=false)") from None
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
