@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,22 +30,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+from _common import cpu_summary  # noqa: E402  (benchmarks/ is on sys.path)
+
 
 def machine() -> str:
-    cpu, flags = platform.processor() or "cpu", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and cpu in ("cpu", "", "x86_64"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    keep = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16") if f in flags]
     import torch
 
-    return f"{cpu} x{os.cpu_count()} ({' '.join(keep)}), torch {torch.__version__} threads {torch.get_num_threads()}"
+    return f"{cpu_summary(('avx2', 'fma', 'f16c', 'avx512f', 'avx512_bf16'))}, torch {torch.__version__} threads {torch.get_num_threads()}"
 
 
 def load() -> str:

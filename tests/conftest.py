@@ -21,3 +21,21 @@ def shared_data(*parts: str) -> Path:
 @pytest.fixture
 def shared():
     return shared_data
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small-op tests: as fast alone, and far faster when the
+    2-core machine is shared (thread hand-offs under load dominate otherwise).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Req:
+    """The one attribute of lm_eval's ``Instance`` that the LM methods read."""
+
+    def __init__(self, *args):
+        self.args = args

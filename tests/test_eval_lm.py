@@ -16,24 +16,13 @@ import spectra.eval  # noqa: E402  (registers "spectra")
 from spectra.eval import engine  # noqa: E402
 from spectra.eval.fixtures import make_random_llama  # noqa: E402
 from spectra.eval.perplexity import window_requests  # noqa: E402
+from conftest import Req  # noqa: E402
 
 TASKS = ["arc_easy", "piqa", "winogrande", "boolq", "lambada_openai"]
 LIMIT = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is as fast, and far faster when the 2-core
-    # machine is shared (thread hand-offs under load dominate otherwise).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class _Req:  # the one attribute of lm_eval's Instance the LM methods read
-    def __init__(self, *args):
-        self.args = args
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_loglikelihood_rolling_equals_direct(tiny):
     assert torch.is_grad_enabled()
     lm = SpectraLM(pretrained=str(tiny))
     text = "The quick brown fox jumps over the lazy dog. " * 4
-    (ll,) = lm.loglikelihood_rolling([_Req(text)], disable_tqdm=True)
+    (ll,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
     ids = [lm.prefix_token_id] + lm.tokenizer.encode(text)
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]])).float(), -1)[0]
@@ -126,8 +115,8 @@ def test_rolling_windows_match_hf_when_text_exceeds_context(tiny):
     text = " ".join(f"word{i} is number {i}." for i in range(60))  # several 64-token windows
     ours = SpectraLM(pretrained=str(tiny), max_length=64)
     ref = HFLM(pretrained=str(tiny), device="cpu", dtype="float32", max_length=64, batch_size=4)
-    (a,) = ours.loglikelihood_rolling([_Req(text)], disable_tqdm=True)
-    (b,) = ref.loglikelihood_rolling([_Req(text)], disable_tqdm=True)
+    (a,) = ours.loglikelihood_rolling([Req(text)], disable_tqdm=True)
+    (b,) = ref.loglikelihood_rolling([Req(text)], disable_tqdm=True)
     assert abs(a - b) < 1e-3
     p = window_requests(ours.tok_encode(text), ours.prefix_token_id, 64, 64)
     assert len(p) > 3
@@ -175,14 +164,14 @@ def test_generate_until_stops_at_stop_strings(tiny):
 
     lm = SpectraLM(pretrained=str(tiny))
     ctx = "Question: What is the capital of France?\nAnswer:"
-    (free,) = lm.generate_until([_Req(ctx, {"until": [], "max_gen_toks": 24, "do_sample": False})], disable_tqdm=True)
+    (free,) = lm.generate_until([Req(ctx, {"until": [], "max_gen_toks": 24, "do_sample": False})], disable_tqdm=True)
     assert len(free) > 12
     stop = free[6:9]
-    (cut,) = lm.generate_until([_Req(ctx, {"until": [stop], "max_gen_toks": 24, "do_sample": False})],
+    (cut,) = lm.generate_until([Req(ctx, {"until": [stop], "max_gen_toks": 24, "do_sample": False})],
                                disable_tqdm=True)
     assert cut == free.split(stop)[0]
     assert stop not in cut
     ref = HFLM(pretrained=str(tiny), device="cpu", dtype="float32", batch_size=1)
-    reqs = [_Req(ctx, {"until": [stop], "max_gen_toks": 24, "do_sample": False}),
-            _Req("Once upon a time", {"until": ["\n", "."], "max_gen_toks": 16, "do_sample": False})]
+    reqs = [Req(ctx, {"until": [stop], "max_gen_toks": 24, "do_sample": False}),
+            Req("Once upon a time", {"until": ["\n", "."], "max_gen_toks": 16, "do_sample": False})]
     assert lm.generate_until(reqs, disable_tqdm=True) == ref.generate_until(reqs, disable_tqdm=True)

@@ -13,25 +13,16 @@ from spectra.checkpoint import save_model  # noqa: E402
 from spectra.config import ModelConfig  # noqa: E402
 from spectra.model import Transformer  # noqa: E402
 from spectra.ternary import to_ternary  # noqa: E402
+from conftest import Req  # noqa: E402
 
 CFG = ModelConfig(dim=256, n_layers=2, n_heads=4, ffn_dim=512, vocab_size=50304, max_seq_len=256)
 
 
-class _Req:
-    def __init__(self, *args):
-        self.args = args
+REQS = [Req("The cat sat on the", " mat"), Req("The cat sat on the", " dog and more"),
+        Req("Hello", " world, how are you"), Req("", "Nothing before this")]
 
 
-REQS = [_Req("The cat sat on the", " mat"), _Req("The cat sat on the", " dog and more"),
-        _Req("Hello", " world, how are you"), _Req("", "Nothing before this")]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +48,7 @@ def test_packed_trilm_native_matches_unpacked(tmp_path, neox):
     for (la, ga), (lb, gb) in zip(a, b):
         # the native kernel quantizes activations entering ternary matrices (int8 + residual)
         assert abs(la - lb) <= 1e-3 * max(1.0, abs(la))
-    g = [_Req("Once upon a time", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False})]
+    g = [Req("Once upon a time", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False})]
     assert dense.generate_until(g, disable_tqdm=True) == packed.generate_until(g, disable_tqdm=True)
     ref = SpectraLM(pretrained=str(tmp_path / "tri-packed"), packed_backend="torch")
     assert ref.loaded.kind == "packed-trilm-torch"

@@ -14,13 +14,7 @@ from spectra.quant.formats import dequantize_packed, pack_bits, pack_linear, unp
 from spectra.quant.rtn import SUPPORTED_BITS, rtn_quantize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads run these small ops far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def autogptq_pack_reference(intweight: np.ndarray, bits: int) -> np.ndarray:

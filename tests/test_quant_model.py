@@ -15,13 +15,7 @@ from spectra.quant.gptq import Hessian, gptq_quantize
 from spectra.quant.sequential import SEQUENTIAL
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads run these small ops ~9x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ def fit_power_law(n, loss, p0: tuple[float, float, float] | None = None) -> Powe
     Needs at least 3 points (3 parameters); with exactly 3 the fit is exact and the
     uncertainties are reported as NaN.
     """
-    from scipy.optimize import curve_fit
+    from scipy.optimize import OptimizeWarning, curve_fit
 
     n = np.asarray(n, dtype=float)
     loss = np.asarray(loss, dtype=float)
@@ -74,7 +75,10 @@ def fit_power_law(n, loss, p0: tuple[float, float, float] | None = None) -> Powe
         return a_scaled / np.power(x, alpha) + eps
 
     p_init = (A0 / nref**a0, a0, e0)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # With exactly 3 points the covariance is undefined: the errors become NaN below and
+        # the report says the fit is exact, so scipy's OptimizeWarning would only be noise.
+        warnings.simplefilter("ignore", OptimizeWarning)
         popt, pcov = curve_fit(f, x, loss, p0=p_init, method="lm", maxfev=20000)
     a_s, alpha, eps = popt
     A = a_s * nref**alpha
