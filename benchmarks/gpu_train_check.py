@@ -8,13 +8,17 @@ Run:  python benchmarks/gpu_train_check.py [--out DIR] [--steps 30]
    an artificially huge initial scale must produce counted, skipped overflow steps.
 3. fp32 on GPU vs fp32 on CPU: the first losses agree to 1e-3 (TF32 off).
 4. A saved GPU checkpoint loads on CPU with transformers and gives our logits (<= 1e-4).
+5. Throughput: tokens/s and MFU of the trainer (fused loss, fused AdamW) for the 99m and
+   390m shapes, FloatLM and TriLM, bf16 and fp16 (loss scaling), seq 2048.
 Everything needed is local (the embedded demo corpus); writes results.json to --out.
+``--smoke`` runs section 5 only, on the CPU with the micro shape, to check the script itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -25,10 +29,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_train_check_out"))
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--tp-steps", type=int, default=20, help="steps per throughput run (the second half is averaged)")
+    ap.add_argument("--tp-shapes", default="99m,390m")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="CPU self-check of the throughput section (micro, 2 steps)")
     a = ap.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
+    if a.smoke:
+        a.tp_shapes, a.tp_steps = "micro", 2
+    elif not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -39,7 +49,8 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_dataset("default", out / "data", vocab_size=4096, progress=False)
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)",
+                 "torch": torch.__version__}
 
     def run(name, **kw):
         base = {"out": str(out / name), "data.dir": str(data), "model.preset": "micro", "data.seq_len": 256,
@@ -59,6 +70,29 @@ def main() -> int:
         res[name] = info
         print(name, json.dumps(info), flush=True)
         return r, m
+
+    def throughput() -> bool:
+        """Section 5: the trainer's own tokens/s and MFU (its metrics), per shape/family/precision."""
+        good = True
+        micro = {"99m": 16, "390m": 8, "micro": 4}
+        for shape in a.tp_shapes.split(","):
+            mb = micro.get(shape, 4)
+            seq = 2048 if shape != "micro" else 256
+            for fam in ("floatlm", "trilm"):
+                for prec in (("bf16", "fp16") if not a.smoke else ("bf16",)):
+                    _, m = run(f"tp-{shape}-{fam}-{prec}", **{
+                        "model.preset": shape, "model.family": fam, "train.precision": prec,
+                        "train.device": "cpu" if a.smoke else "cuda", "data.seq_len": seq,
+                        "batch.global_tokens": mb * seq, "batch.micro_batch": mb, "schedule.steps": a.tp_steps,
+                        "checkpoint.final": False, "eval.batches": 1, "eval.at_end": False,
+                        **({"model.vocab_size": 50304} if shape not in ("micro", "nano") else {})})
+                    good &= all(math.isfinite(x["loss"]) for x in m)
+        return good
+
+    if a.smoke:
+        ok = throughput()
+        (out / "results.json").write_text(json.dumps(res, indent=2))
+        return 0 if ok else 1
 
     ok = True
     for fam in ("trilm", "floatlm"):
@@ -88,6 +122,8 @@ def main() -> int:
         ok &= d <= 1e-4
     except ImportError:
         res["hf_logit_diff"] = None
+    if not a.skip_throughput:
+        ok &= throughput()
     res["ok"] = bool(ok)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
