@@ -71,7 +71,7 @@ def make_step(model, loss_fn, opt):
     return step
 
 
-def bench_shape(name, mc, batch, seq, steps, compile_ours):
+def bench_shape(name, mc, batch, seq, steps, compile_ours, bf16=False):
     torch.manual_seed(0)
     cfg = TrainConfig()
     x = torch.randint(0, mc.vocab_size, (batch, seq))
@@ -93,6 +93,15 @@ def bench_shape(name, mc, batch, seq, steps, compile_ours):
         else:
             loss_fn = hf_loss
         fns[key] = make_step(m, loss_fn, build_optimizer(m, cfg, 1e-4))
+    if bf16:  # informational: train.precision=bf16 (autocast) on this CPU; never the default
+        ours_b = Transformer(mc).init_weights(0).train()
+        step_b = make_step(ours_b, lambda x, y: ours_b(x, targets=y), build_optimizer(ours_b, cfg, 1e-4))
+
+        def bf16_step(x, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return step_b(x, y)
+
+        fns["ours_float_bf16"] = bf16_step
     times = {k: [] for k in fns}
     for i in range(steps + 1):  # step 0 = warm-up (allocations, compile)
         for k, fn in fns.items():
@@ -117,7 +126,8 @@ def bench_shape(name, mc, batch, seq, steps, compile_ours):
             **{f"{k}_tok_s": tok / v for k, v in med.items()},
             "ours_vs_hf": med["hf_float"] / med["ours_float"],
             "trilm_vs_float": med["ours_trilm"] / med["ours_float"],
-            "hf_gemm_share": gemm_share, "ceiling": 1.0 / gemm_share}
+            "hf_gemm_share": gemm_share, "ceiling": 1.0 / gemm_share,
+            "bf16_vs_fp32": med["ours_float"] / med["ours_float_bf16"] if bf16 else None}
 
 
 def main():
@@ -126,6 +136,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile our blocks as train.compile=true does (not HF)")
     ap.add_argument("--shapes", default="micro,99m")
+    ap.add_argument("--bf16", action="store_true", help="also time our FloatLM under bf16 autocast (informational)")
     ap.add_argument("--no-record", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -135,9 +146,9 @@ def main():
     rows = []
     for s in a.shapes.split(","):
         if s == "micro":
-            rows.append(bench_shape("micro", get_preset("micro").model, 16, 256, a.steps, a.compile))
+            rows.append(bench_shape("micro", get_preset("micro").model, 16, 256, a.steps, a.compile, a.bf16))
         elif s == "99m":
-            rows.append(bench_shape("99m (seq 128)", get_preset("99m").model, 4, 128, max(3, a.steps // 2), a.compile))
+            rows.append(bench_shape("99m (seq 128)", get_preset("99m").model, 4, 128, max(3, a.steps // 2), a.compile, a.bf16))
     load1 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     hdr = ["shape", "batch", "ours_float tok/s", "hf_float tok/s", "ours_trilm tok/s", "ours/HF speed", "TriLM/Float time",
            "HF GEMM share", "ours/HF ceiling"]
@@ -145,7 +156,8 @@ def main():
     for r in rows:
         print(f"{r['shape']} | {r['batch']} | {r['ours_float_tok_s']:.0f} | {r['hf_float_tok_s']:.0f} | "
               f"{r['ours_trilm_tok_s']:.0f} | {r['ours_vs_hf']:.2f}x | {r['trilm_vs_float']:.2f}x | "
-              f"{100 * r['hf_gemm_share']:.0f}% | {r['ceiling']:.2f}x")
+              f"{100 * r['hf_gemm_share']:.0f}% | {r['ceiling']:.2f}x"
+              + (f" | bf16 autocast {r['ours_float_bf16_tok_s']:.0f} tok/s ({r['bf16_vs_fp32']:.2f}x fp32)" if a.bf16 else ""))
     if a.no_record:
         return
     cmd = "python benchmarks/bench_train.py " + " ".join(
@@ -155,7 +167,9 @@ def main():
         f"{r['shape']} batch {r['batch']}: ours FloatLM {r['ours_float_tok_s']:.0f} tok/s, HF LlamaForCausalLM "
         f"{r['hf_float_tok_s']:.0f} tok/s (**ours/HF {r['ours_vs_hf']:.2f}x**), ours TriLM {r['ours_trilm_tok_s']:.0f} tok/s "
         f"(**TriLM/Float step time {r['trilm_vs_float']:.2f}x**); GEMMs are {100 * r['hf_gemm_share']:.0f}% of an HF step, "
-        f"so ours/HF cannot exceed {r['ceiling']:.2f}x in fp32" for r in rows)
+        f"so ours/HF cannot exceed {r['ceiling']:.2f}x in fp32"
+        + (f"; ours FloatLM under bf16 autocast {r['ours_float_bf16_tok_s']:.0f} tok/s ({r['bf16_vs_fp32']:.2f}x its fp32)"
+           if a.bf16 else "") for r in rows)
     figs = (f"fp32, fused AdamW (both) + clip, ours with the fused head+CE loss, "
             f"{'glibc keeps freed memory (both), ' if tuned else ''}median of round-robin steps"
             f"{', our blocks torch.compiled' if a.compile else ''}; " + figs)
