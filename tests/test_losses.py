@@ -96,3 +96,25 @@ def test_model_loss_path_equals_logits_path(family):
 def test_shape_mismatch_is_clear():
     with pytest.raises(ValueError, match="targets hold 5 positions"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
+
+
+def test_autocast_head_gradient_runs_in_low_precision(monkeypatch):
+    """Under autocast the head-weight GEMM must not fall back to fp32 (out= ops skip autocast)."""
+    import spectra.losses as L
+
+    seen = []
+    real_addmm = torch.addmm
+
+    def spy(*a, **k):
+        seen.append(k.get("out") is not None)
+        return real_addmm(*a, **k)
+
+    monkeypatch.setattr(L.torch, "addmm", spy)
+    h = torch.randn(32, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = torch.randint(0, 40, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        L.linear_cross_entropy(h, w, t, chunk_rows=8).backward()
+    assert not seen  # no fp32 out= accumulation under autocast
+    L.linear_cross_entropy(h, w, t, chunk_rows=8).backward()
+    assert seen and all(seen)  # fp32: accumulated inside the GEMM

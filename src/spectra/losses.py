@@ -44,6 +44,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         rows = chunk_rows or _chunk_rows(n, weight.shape[0], weight.shape[1], h.device)
+        # out= ops are exempt from autocast: under autocast use the out-of-place GEMM so it runs
+        # in bf16/fp16 (an fp32 GEMM would be many times slower on a GPU).
+        amp = torch.is_autocast_enabled(h.device.type)
         for a in range(0, n, rows):
             b = min(n, a + rows)
             hc, tc, vc = h[a:b], safe_t[a:b], valid[a:b]
@@ -64,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h[a:b] = pc @ weight
             if need_w:
-                if pc.dtype == torch.float32 and hc.dtype == torch.float32:
+                if pc.dtype == torch.float32 and hc.dtype == torch.float32 and not amp:
                     # Accumulate inside the GEMM (beta), scaled by alpha: no extra passes
                     # over the [vocab, dim] gradient.
                     torch.addmm(grad_w, pc.t(), hc, beta=0.0 if a == 0 else 1.0, alpha=inv, out=grad_w)
