@@ -118,3 +118,11 @@ def test_autocast_head_gradient_runs_in_low_precision(monkeypatch):
     assert not seen  # no fp32 out= accumulation under autocast
     L.linear_cross_entropy(h, w, t, chunk_rows=8).backward()
     assert seen and all(seen)  # fp32: accumulated inside the GEMM
+
+
+def test_empty_batch_gives_zero_loss_and_gradients():
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(12, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and not w.grad.any() and h.grad.shape == (0, 8)

@@ -42,7 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe_t = torch.where(valid, targets, torch.zeros_like(targets))
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # Filled by the first block (beta=0 / out=); zeros only when there is no block at all.
+        alloc = torch.zeros if n == 0 else torch.empty
+        grad_w = alloc(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         rows = chunk_rows or _chunk_rows(n, weight.shape[0], weight.shape[1], h.device)
         # out= ops are exempt from autocast: under autocast use the out-of-place GEMM so it runs
         # in bf16/fp16 (an fp32 GEMM would be many times slower on a GPU).
