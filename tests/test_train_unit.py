@@ -222,3 +222,17 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
         MetricsLogger(tmp_path, tensorboard=True)
     (tmp_path / "auto").mkdir()
     assert MetricsLogger(tmp_path / "auto", tensorboard=None).tb is None  # auto: JSONL only, no error
+
+
+@pytest.mark.parametrize("precision,fast_bf16,noted", [("auto", True, True), ("fp32", True, True),
+                                                        ("bf16", True, False), ("auto", False, False)])
+def test_cli_suggests_bf16_only_where_it_is_fast(monkeypatch, tmp_path, capsys, precision, fast_bf16, noted):
+    import spectra.train
+    import spectra.train.cpu
+    from spectra.cli import main
+
+    monkeypatch.setattr(spectra.train.cpu, "cpu_has_fast_bf16", lambda: fast_bf16)
+    monkeypatch.setattr(spectra.train, "train", lambda cfg: tmp_path)  # the CLI wiring only
+    assert main(["train", "--preset", "nano", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--set", f"train.precision={precision}", "train.device=cpu"]) == 0
+    assert ("train.precision=bf16" in capsys.readouterr().err) == noted

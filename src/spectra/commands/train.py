@@ -66,10 +66,22 @@ def run(args) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    import os
+
     from spectra.train import train
 
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.train.precision in ("auto", "fp32"):
+        import sys
+
+        import torch
+
+        from spectra.train.cpu import cpu_has_fast_bf16
+
+        on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+        if on_cpu and cpu_has_fast_bf16():
+            print("note: this CPU has native bf16 matmuls; train.precision=bf16 (autocast, fp32 master weights) "
+                  "trains ~2x faster here. fp32 stays the default.", file=sys.stderr)
     run_dir = train(cfg)
-    import os
 
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run: {run_dir}  final model: {run_dir / 'final'}")
