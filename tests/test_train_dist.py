@@ -40,10 +40,11 @@ def reference(data_dir, tmp_path_factory):  # noqa: F811
     return losses(train(cfg_for(data_dir, tmp_path_factory.mktemp("ref") / "run", **COMMON)))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp+ac"])
 def test_two_ranks_match_one_process(data_dir, reference, tmp_path, strategy):  # noqa: F811
     run = tmp_path / strategy
-    torchrun(cfg_for(data_dir, run, **{**COMMON, "train.parallel": strategy}))
+    extra = {"train.activation_checkpoint": 1} if strategy.endswith("+ac") else {}  # FSDP2 + recompute
+    torchrun(cfg_for(data_dir, run, **{**COMMON, "train.parallel": strategy.split("+")[0], **extra}))
     got = losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):

@@ -236,3 +236,52 @@ def test_cli_suggests_bf16_only_where_it_is_fast(monkeypatch, tmp_path, capsys, 
     assert main(["train", "--preset", "nano", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                  "--set", f"train.precision={precision}", "train.device=cpu"]) == 0
     assert ("train.precision=bf16" in capsys.readouterr().err) == noted
+
+
+@pytest.mark.parametrize("family", ["floatlm", "trilm"])
+def test_activation_checkpointing_same_math_less_memory(family):
+    import torch
+
+    from spectra.config import get_preset
+    from spectra.model import Transformer
+    from spectra.ternary import to_ternary
+    from spectra.train.parallel import apply_activation_checkpointing
+
+    cfg = get_preset("nano").model
+    models = []
+    for _ in range(2):
+        m = Transformer(cfg).init_weights(0)
+        models.append(to_ternary(m) if family == "trilm" else m)
+    keys = list(models[1].state_dict())
+    apply_activation_checkpointing(models[1], every=1)
+    assert list(models[1].state_dict()) == keys  # names unchanged: checkpoints and HF export unaffected
+    x = torch.randint(0, cfg.vocab_size, (4, 64))
+    saved, grads, loss = [], [], []
+    for m in models:
+        n = [0]
+
+        def pack(t, n=n):
+            n[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m(x, targets=x)
+        out.backward()
+        saved.append(n[0])
+        loss.append(out.item())
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    assert loss[0] == pytest.approx(loss[1], abs=1e-6)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)
+    assert saved[1] < 0.5 * saved[0], saved  # only block inputs are kept for backward
+    with pytest.raises(Exception, match=">= 1"):
+        apply_activation_checkpointing(models[0], every=0)
+
+
+def test_activation_checkpoint_config_is_validated():
+    from spectra.errors import SpectraError
+    from spectra.train.config import validate
+
+    cfg = TrainConfig().override({"model.preset": "nano", "schedule.steps": 1, "train.activation_checkpoint": -1})
+    with pytest.raises(SpectraError, match="activation_checkpoint must be an integer >= 0"):
+        validate(cfg)

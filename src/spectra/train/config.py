@@ -88,6 +88,7 @@ class TrainSection:
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
     compile: bool = False  # torch.compile each block (one graph reused by all layers); pays off on long runs
+    activation_checkpoint: int = 0  # recompute every Nth block's activations in backward (1 = all, 0 = off)
     fused_loss: bool = True  # head + cross-entropy in row blocks, logits never materialized (spectra.losses)
     keep_freed_memory: bool = True  # CPU: glibc keeps large freed blocks for reuse (no per-step page faults)
     loss_scale_init: float = 2.0**16
@@ -317,6 +318,9 @@ def validate(cfg: TrainConfig) -> None:
         raise SpectraError("checkpoint.keep_last must be >= 1")
     if cfg.train.max_bad_steps < 1:
         raise SpectraError("train.max_bad_steps must be >= 1")
+    if isinstance(cfg.train.activation_checkpoint, bool) or cfg.train.activation_checkpoint < 0:
+        raise SpectraError("train.activation_checkpoint must be an integer >= 0: 0 = off, 1 = every block, "
+                           f"N = every Nth block (got {cfg.train.activation_checkpoint!r})")
     r = cfg.resume
     if r not in ("none", "auto") and not Path(r).exists():
         raise SpectraError(f"resume '{r}' is neither 'none', 'auto' nor an existing checkpoint directory")

@@ -293,6 +293,10 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     barrier(d)
 
     base = build_model(plan, cfg).to(d.device)
+    if cfg.train.activation_checkpoint:
+        from .parallel import apply_activation_checkpointing
+
+        apply_activation_checkpointing(base, cfg.train.activation_checkpoint)
     if cfg.train.compile:
         from .parallel import apply_compile
 
