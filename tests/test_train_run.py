@@ -205,3 +205,16 @@ def test_compiled_blocks_match_eager(data_dir, tmp_path):
     eager = losses(train(cfg_for(data_dir, tmp_path / "eager", **common)))
     comp = losses(train(cfg_for(data_dir, tmp_path / "comp", **{**common, "train.compile": True})))
     assert all(abs(eager[s] - comp[s]) <= 1e-4 for s in eager)
+
+
+def test_profile_trace_and_memory_metrics(data_dir, tmp_path):
+    run = train(cfg_for(data_dir, tmp_path / "prof", **{**TINY, "schedule.steps": 4, "log.profile": "2-3",
+                                                         "eval.at_end": False}))
+    trace = json.loads((run / "profile" / "steps-2-3-rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::mm") for n in names)  # the steps' matmuls are in the trace
+    assert "aten::mm" in (run / "profile" / "steps-2-3-rank0.txt").read_text()
+    recs = [r for r in read_metrics(run) if "loss" in r]
+    assert len(recs) == 4 and all(r["max_rss_gib"] > 0.05 for r in recs)
+    with pytest.raises(SpectraError, match="log.profile '3-2'"):
+        train(cfg_for(data_dir, tmp_path / "bad", **{**TINY, "schedule.steps": 4, "log.profile": "3-2"}))

@@ -120,6 +120,7 @@ class LogSection:
     tensorboard: bool | None = None  # None: when tensorboard is installed
     progress: bool = True
     peak_flops: float | None = None  # per device; None: GPU table / measured CPU matmul peak
+    profile: str | None = None  # "A-B" (or "A"): torch.profiler trace of steps A..B -> RUN/profile/
 
 
 @dataclass
@@ -282,6 +283,18 @@ def load_config_file(path: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(d, str(p))
 
 
+def profile_range(spec) -> tuple[int, int]:
+    """log.profile "A-B" or "A" -> (A, B), steps counted from 1."""
+    try:
+        parts = [int(x) for x in str(spec).split("-")]
+        a, b = (parts[0], parts[-1]) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        a, b = 0, -1
+    if not 1 <= a <= b:
+        raise SpectraError(f"log.profile '{spec}' must be a step or a step range like 10-12 (steps count from 1)")
+    return a, b
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no data or torch (names and ranges)."""
     m, s, o = cfg.model, cfg.schedule, cfg.optim
@@ -318,6 +331,8 @@ def validate(cfg: TrainConfig) -> None:
         raise SpectraError("checkpoint.keep_last must be >= 1")
     if cfg.train.max_bad_steps < 1:
         raise SpectraError("train.max_bad_steps must be >= 1")
+    if cfg.log.profile is not None:
+        profile_range(cfg.log.profile)
     if isinstance(cfg.train.activation_checkpoint, bool) or cfg.train.activation_checkpoint < 0:
         raise SpectraError("train.activation_checkpoint must be an integer >= 0: 0 = off, 1 = every block, "
                            f"N = every Nth block (got {cfg.train.activation_checkpoint!r})")

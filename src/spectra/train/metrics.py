@@ -28,6 +28,22 @@ GPU_PEAK_FLOPS = {
 }
 
 
+def memory_stats(device_type: str) -> dict:
+    """Peak memory for the step record: GPU bytes allocated since the last call (then reset), or
+    the process's peak RSS on CPU (Linux reports it in KiB), both in GiB."""
+    if device_type == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        return {"mem_gib": peak}
+    try:
+        import resource
+    except ImportError:  # not on Linux/macOS
+        return {}
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def flops_per_token(model_cfg, seq_len: int) -> float:
     d, L, f, v = model_cfg.dim, model_cfg.n_layers, model_cfg.ffn_dim, model_cfg.vocab_size
     n_non_embedding = L * (4 * d * d + 3 * d * f + 2 * d) + d + d * v  # blocks + final norm + head

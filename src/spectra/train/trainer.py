@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from spectra.errors import SpectraError
 
 from . import checkpointing as ck
-from .config import TrainConfig, validate
-from .metrics import MetricsLogger, device_peak_flops, flops_per_token, truncate_after
+from .config import TrainConfig, profile_range, validate
+from .metrics import MetricsLogger, device_peak_flops, flops_per_token, memory_stats, truncate_after
 from .optim import build_optimizer, set_lr_wd
 from .parallel import Dist, all_reduce_mean, barrier, close_distributed, init_distributed, parallelize, set_grad_sync
 from .precision import LossScaler, autocast, resolve_precision
@@ -351,9 +351,13 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         bar = tqdm(total=plan.steps, initial=step, desc=f"train {plan.family}", unit="step", dynamic_ncols=True)
     it = iter(loader)
     model.train()
+    prof_range = profile_range(cfg.log.profile) if cfg.log.profile else None
+    prof = None
     try:
         while step < plan.steps:
             s = step + 1
+            if prof_range and s == prof_range[0]:
+                prof = _start_profiler(d)
             t0 = time.perf_counter()
             lr, wd = sched.lr(s), sched.wd(s)
             set_lr_wd(opt, lr, wd)
@@ -399,13 +403,17 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             tps = plan.global_tokens / dt
             rec = {"step": step, "tokens": step * plan.global_tokens, "loss": loss_val, "lr": lr, "wd": wd,
                    "grad_norm": gnorm, "loss_scale": scaler.scale if scaler.enabled else 1.0, "tok_per_s": tps,
-                   "mfu": (tps * fpt / (peak * d.world)) if peak else None, "step_time": dt}
+                   "mfu": (tps * fpt / (peak * d.world)) if peak else None, "step_time": dt,
+                   **memory_stats(d.device.type)}
             if not apply:
                 rec["skipped"] = True
             if scaler.enabled:
                 rec["overflow_skips"] = scaler.overflows
             if step % cfg.log.every == 0 or step == plan.steps or not apply:
                 logger.log(rec)
+            if prof is not None and (step == prof_range[1] or step == plan.steps):
+                _stop_profiler(prof, run / "profile", f"steps-{prof_range[0]}-{step}-rank{d.rank}")
+                prof = None
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
@@ -430,7 +438,29 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             ck.link_or_copy_model(last, run / ck.FINAL)
         barrier(d)
     finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
         if bar is not None:
             bar.close()
         logger.close()
     return run
+
+
+def _start_profiler(d: Dist):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if d.device.type == "cuda" else [])
+    prof = profile(activities=acts, record_shapes=True)
+    prof.__enter__()
+    return prof
+
+
+def _stop_profiler(prof, out_dir: Path, name: str) -> None:
+    """Chrome/Perfetto trace (open in ui.perfetto.dev) + a text table of the top ops, per rank."""
+    prof.__exit__(None, None, None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out_dir / f"{name}.json"))
+    from spectra.fsutil import atomic_write_text
+
+    sort = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in prof.events()) else "self_cpu_time_total"
+    atomic_write_text(out_dir / f"{name}.txt", prof.key_averages().table(sort_by=sort, row_limit=40))
