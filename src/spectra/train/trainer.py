@@ -459,7 +459,9 @@ def _stop_profiler(prof, out_dir: Path, name: str) -> None:
     """Chrome/Perfetto trace (open in ui.perfetto.dev) + a text table of the top ops, per rank."""
     prof.__exit__(None, None, None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(out_dir / f"{name}.json"))
+    tmp = out_dir / f".{name}.json.tmp"  # complete or absent, like every other file we write
+    prof.export_chrome_trace(str(tmp))
+    tmp.replace(out_dir / f"{name}.json")
     from spectra.fsutil import atomic_write_text
 
     sort = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in prof.events()) else "self_cpu_time_total"
