@@ -106,8 +106,8 @@ def test_validation_documents_never_in_train(tmp_path):
 
 
 def test_sources_formats_agree(tmp_path):
-    pytest.importorskip("zstandard")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("zstandard", reason="zstandard not installed (.zst sources; the dev extra installs it)")
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow not installed (parquet sources; the dev extra installs it)")
     import pyarrow as pa
     import zstandard
 
@@ -136,7 +136,7 @@ def test_sources_formats_agree(tmp_path):
 
 
 def test_hf_datasets_source_offline(tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
+    pytest.importorskip("datasets", reason="datasets not installed (the data extra: pip install -e '.[data]')")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

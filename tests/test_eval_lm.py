@@ -8,9 +8,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-lm_eval = pytest.importorskip("lm_eval")
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (the eval extra; scripts/setup.sh installs it)")
+pytest.importorskip("transformers", reason="transformers not installed (the hf extra; scripts/setup.sh installs it)")
+pytest.importorskip("accelerate", reason="accelerate not installed (lm-eval's hf backend needs it; scripts/setup.sh --test installs it)")
 
 import spectra.eval  # noqa: E402  (registers "spectra")
 from spectra.eval import engine  # noqa: E402

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-pytest.importorskip("lm_eval")
-pytest.importorskip("transformers")
+pytest.importorskip("lm_eval", reason="lm-eval not installed (the eval extra; scripts/setup.sh installs it)")
+pytest.importorskip("transformers", reason="transformers not installed (the hf extra; scripts/setup.sh installs it)")
 
 from spectra.checkpoint import save_model  # noqa: E402
 from spectra.config import ModelConfig  # noqa: E402
@@ -33,7 +33,7 @@ def neox(tmp_path_factory):
 
 
 def test_packed_trilm_native_matches_unpacked(tmp_path, neox):
-    infer = pytest.importorskip("spectra.infer")
+    import spectra.infer as infer
     from spectra.eval.lm import SpectraLM
 
     m = to_ternary(Transformer(CFG).init_weights(0), 1)
@@ -59,7 +59,7 @@ def test_packed_trilm_native_matches_unpacked(tmp_path, neox):
 
 
 def test_packed_quantlm_matches_unpacked(tmp_path, neox):
-    quant = pytest.importorskip("spectra.quant")
+    import spectra.quant as quant
     from spectra.eval.lm import SpectraLM
 
     m = Transformer(CFG).init_weights(1)

@@ -8,8 +8,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-pytest.importorskip("lm_eval")
-pytest.importorskip("transformers")
+pytest.importorskip("lm_eval", reason="lm-eval not installed (the eval extra; scripts/setup.sh installs it)")
+pytest.importorskip("transformers", reason="transformers not installed (the hf extra; scripts/setup.sh installs it)")
 
 
 @pytest.fixture(scope="module")

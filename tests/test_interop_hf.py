@@ -124,7 +124,7 @@ def test_bin_weights_loaded_safely(tmp_path):
 
 @pytest.mark.parametrize("trilm", [True, False])
 def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path, trilm):
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (the hf extra; scripts/setup.sh installs it)")
     src = write_release_dir(tmp_path / "hf", small_cfg(2), trilm=trilm, seed=4)
     import_hf(src, tmp_path / "ours", dtype="float32")
     export_hf(tmp_path / "ours", tmp_path / "out", dtype="float16")

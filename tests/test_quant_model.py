@@ -121,14 +121,13 @@ def test_refuses_trilm_and_bad_calibration(tiny):
 def shakes(tmp_path_factory):
     from conftest import shared_data
 
-    build = pytest.importorskip("spectra.data").build_dataset
+    from spectra.data import build_dataset as build
     text = shared_data("text", "tinyshakespeare.txt")
     return build(text, tmp_path_factory.mktemp("qdata") / "shakes", vocab_size=1024, val_fraction=0.1,
                  progress=False)
 
 
 def train_floatlm(data_dir, out, preset, steps, seq=128, batch=16):
-    pytest.importorskip("spectra.train")
     from spectra.train.checkpointing import final_checkpoint
     from spectra.train.config import TrainConfig
     from spectra.train.trainer import train

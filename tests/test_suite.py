@@ -14,9 +14,6 @@ from conftest import shared_data
 from spectra.errors import SpectraError
 from spectra.suite import Suite, describe_plan, make_plan
 
-pytest.importorskip("spectra.data")
-pytest.importorskip("spectra.train")
-
 REDUCED = dict(tokens=16 * 1024, batch_tokens=8 * 128, seq_len=128, quant_bits=[8, 4], calib_samples=8,
                calib_seqlen=128, eval_limit=4, val_windows=8, log_spaced_until=4, vocab_size=512)
 
