@@ -18,8 +18,8 @@ AVX2-only comparison on an AVX-512 machine (what a Zen 3 would run): force our A
 ``--kernel avx2`` and put an AVX2-only llama.cpp first on the path (the row records its
 system info):
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF" \
-      pip install --no-deps --target /tmp/llama_avx2 llama-cpp-python==0.3.36
-    PYTHONPATH=/tmp/llama_avx2 python benchmarks/bench_infer.py --kernel avx2 --acts int8x2,int8 --no-torch
+      pip install --no-deps --target build/llama_avx2 llama-cpp-python==0.3.36
+    PYTHONPATH=build/llama_avx2 python benchmarks/bench_infer.py --kernel avx2 --acts int8x2,int8 --no-torch
 """
 
 from __future__ import annotations
