@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,17 +118,19 @@ def eval_into(rec: ModelRecord, res: dict) -> None:
         rec.ppl.update(res["ppl"])
 
 
+def _finite(xs: list) -> list[float]:
+    return [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
+
+
 def _mean(xs: list) -> float | None:
-    xs = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else None
+    xs = _finite(xs)
+    return statistics.fmean(xs) if xs else None
 
 
 def _std(xs: list) -> float | None:
-    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
-    if len(xs) < 2:
-        return None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    """Sample standard deviation; None below two values."""
+    xs = _finite(xs)
+    return statistics.stdev(xs) if len(xs) >= 2 else None
 
 
 def average_seeds(recs: list[ModelRecord]) -> list[ModelRecord]:
@@ -167,8 +170,8 @@ def average_seeds(recs: list[ModelRecord]) -> list[ModelRecord]:
             if v is not None:
                 m.ppl[name] = v
         m.extra["seeds"] = [{"id": x.id, "val_loss": x.val_loss, "six_task_avg": x.six_task_avg} for x in g]
-        m.extra["val_loss_std"] = _std([x.val_loss for x in g if x.val_loss is not None])
-        m.extra["six_task_std"] = _std([x.six_task_avg for x in g if x.six_task_avg is not None])
+        m.extra["val_loss_std"] = _std([x.val_loss for x in g])
+        m.extra["six_task_std"] = _std([x.six_task_avg for x in g])
         out.append(m)
     return out
 

@@ -412,7 +412,8 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             if step % cfg.log.every == 0 or step == plan.steps or not apply:
                 logger.log(rec)
             if prof is not None and (step == prof_range[1] or step == plan.steps):
-                _stop_profiler(prof, run / "profile", f"steps-{prof_range[0]}-{step}-rank{d.rank}")
+                _stop_profiler(prof, run / "profile", f"steps-{prof_range[0]}-{step}-rank{d.rank}",
+                               d.device.type == "cuda")
                 prof = None
             if bar is not None:
                 bar.update(1)
@@ -438,8 +439,8 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
             ck.link_or_copy_model(last, run / ck.FINAL)
         barrier(d)
     finally:
-        if prof is not None:
-            prof.__exit__(None, None, None)
+        if prof is not None:  # stopped early by an error: no trace
+            prof.stop()
         if bar is not None:
             bar.close()
         logger.close()
@@ -451,18 +452,18 @@ def _start_profiler(d: Dist):
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if d.device.type == "cuda" else [])
     prof = profile(activities=acts, record_shapes=True)
-    prof.__enter__()
+    prof.start()
     return prof
 
 
-def _stop_profiler(prof, out_dir: Path, name: str) -> None:
+def _stop_profiler(prof, out_dir: Path, name: str, cuda: bool) -> None:
     """Chrome/Perfetto trace (open in ui.perfetto.dev) + a text table of the top ops, per rank."""
-    prof.__exit__(None, None, None)
+    prof.stop()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{name}.json.tmp"  # complete or absent, like every other file we write
     prof.export_chrome_trace(str(tmp))
     tmp.replace(out_dir / f"{name}.json")
     from spectra.fsutil import atomic_write_text
 
-    sort = "self_cuda_time_total" if any(e.device_type.name == "CUDA" for e in prof.events()) else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     atomic_write_text(out_dir / f"{name}.txt", prof.key_averages().table(sort_by=sort, row_limit=40))
