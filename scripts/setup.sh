@@ -6,15 +6,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS="hf,data,eval,gguf"
+EXTRAS="hf,data,eval,gguf,serve,hub"
 LLAMA=0
+SYS=0
 for a in "$@"; do
   case "$a" in
-    --test) EXTRAS="$EXTRAS,dev,tensorboard"; LLAMA=1 ;;
+    --test) EXTRAS="$EXTRAS,dev,tensorboard"; LLAMA=1; SYS=1 ;;
     --no-llama) LLAMA=0 ;;
     *) echo "setup.sh: unknown option $a (allowed: --test, --no-llama)" >&2; exit 2 ;;
   esac
 done
+if [ "$SYS" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  # System tools the tests use: qemu-user + an aarch64 cross compiler (the ARM kernel paths under
+  # emulation) and headless Chromium (the HTML report). Tests skip with a reason where absent.
+  need=""
+  command -v qemu-aarch64 >/dev/null || need="$need qemu-user"
+  command -v aarch64-linux-gnu-gcc >/dev/null || need="$need gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+  command -v chromium >/dev/null || need="$need chromium"
+  if [ -n "$need" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $need >/dev/null) \
+      || echo "setup.sh: warning: could not install$need; the tests that need them will skip" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -29,7 +29,7 @@ from pathlib import Path
 from spectra.errors import SpectraError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("spectra_infer.c", "forward.inc")
+SOURCES = ("spectra_infer.c", "kernels.inc", "forward.inc")
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 KERNEL_NAMES = {v: k for k, v in KERNELS.items()}

@@ -7,7 +7,7 @@
  * with function-level target attributes and chosen at run time with cpuid
  * (__builtin_cpu_supports), so the build machine's ISA is never assumed.
  *
- * Paths (forward.inc is instantiated once per path):
+ * Paths (kernels.inc and forward.inc are instantiated once per path):
  *   scalar  portable C (any CPU, any architecture)
  *   avx2    AVX2 + FMA + F16C: maddubs on 2-bit / base-3 trits (llama.cpp style)
  *   avx512  AVX2 code with AVX512-VNNI (256-bit vpdpbusd) for the ternary dots
@@ -230,6 +230,7 @@ typedef struct spx_state {
 
 /* ------------------------------------------------------------------ per-ISA code */
 #define SFX(name) name##_scalar
+#include "kernels.inc"
 #include "forward.inc"
 #undef SFX
 
@@ -238,6 +239,7 @@ typedef struct spx_state {
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #define SPX_AVX2 1
 #define SFX(name) name##_avx2
+#include "kernels.inc"
 #include "forward.inc"
 #undef SFX
 #pragma GCC pop_options
@@ -246,6 +248,7 @@ typedef struct spx_state {
 #pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512vnni")
 #define SPX_VNNI 1
 #define SFX(name) name##_avx512
+#include "kernels.inc"
 #include "forward.inc"
 #undef SFX
 #undef SPX_VNNI
