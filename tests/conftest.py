@@ -5,7 +5,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+# The test data pack: $SPECTRA_TEST_DATA (set by .ci/run), else ../shared/data next to the repo.
+SHARED_DATA = Path(os.environ.get("SPECTRA_TEST_DATA") or REPO / ".." / "shared" / "data").resolve()
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

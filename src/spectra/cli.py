@@ -18,8 +18,8 @@ from spectra.errors import SpectraError
 
 # Order = the life of a model: data -> train -> quantize/pack -> eval/serve -> report.
 COMMAND_MODULES = [
-    "info", "data", "train", "quantize", "pack", "generate", "eval",
-    "interop", "suite", "report",
+    "info", "data", "train", "quantize", "pack", "generate", "eval", "serve",
+    "interop", "suite", "report", "tasks",
 ]
 
 

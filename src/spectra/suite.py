@@ -56,7 +56,7 @@ class SuitePlan:
     pack_format: str = "t2"
     eval_tasks: str | None = "spectra6"  # lm-eval tasks when task data is available
     eval_limit: int | None = 200  # examples per task (None: all)
-    task_data: str | None = None  # local task data dir (None: ../shared/data/eval when present)
+    task_data: str | None = None  # local task data dir (None: $SPECTRA_TASK_DATA, user cache, Hub)
     val_windows: int = 64  # validation windows for the final validation loss
     checkpoint_every: int = 0  # permanent checkpoints every N steps besides the log-spaced ones
     log_spaced_until: int = 64
@@ -164,7 +164,8 @@ def describe_plan(plan: SuitePlan, flops: float | None = None, efficiency: float
              f"QuantLM: {plan.quant_method} {'/'.join(map(str, plan.quant_bits))}-bit, group {plan.group_size}, seeds "
              f"{plan.quant_seeds}, calibration {plan.calib_samples} x {plan.calib_seqlen}; packed TriLM: {plan.pack_format}",
              f"eval: validation loss ({plan.val_windows} windows)"
-             + (f" + lm-eval {plan.eval_tasks} (limit {plan.eval_limit})" if plan.eval_tasks else ""), ""]
+             + (f" + lm-eval {plan.eval_tasks} (limit {plan.eval_limit})" if plan.eval_tasks else ""),
+             *describe_tasks(plan), ""]
     head = f"{'size':8s} {'params':>9s} {'non-emb':>9s} {'FLOPs/token':>12s} {'est. FloatLM':>13s} {'est. TriLM':>11s}"
     lines += [head, "-" * len(head)]
     total = 0.0
@@ -187,6 +188,60 @@ def describe_plan(plan: SuitePlan, flops: float | None = None, efficiency: float
                   f"(measured fp32 matmul {flops / 1e9:.0f} GFLOP/s x {efficiency:.0%} efficiency; "
                   "quantization, packing and evaluation add a few minutes for small presets)"]
     return "\n".join(lines)
+
+
+def plan_tasks(plan: SuitePlan) -> tuple[list[str], dict[str, str], str]:
+    """(lm-eval tasks that will run, {task: why skipped}, where the task data comes from)."""
+    from spectra.eval.tasks import expand_tasks, resolve_task_data, task_status
+
+    if not plan.eval_tasks:
+        return [], {}, "no lm-eval tasks in the plan (--no-tasks)"
+    names = expand_tasks(plan.eval_tasks)
+    td = resolve_task_data(plan.task_data, names)
+    run, skipped = task_status(names, td)
+    return run, skipped, (f"{td.source}: {td.path}" if td.path else td.source)
+
+
+def describe_tasks(plan: SuitePlan) -> list[str]:
+    """Plan lines saying which lm-eval tasks will run and which are skipped, and why."""
+    run, skipped, src = plan_tasks(plan)
+    if not plan.eval_tasks:
+        return [f"lm-eval tasks: none ({src})"]
+    lines = [f"lm-eval tasks ({src}): " + (f"will run {', '.join(run)}" if run else "NONE will run")]
+    why: dict[str, list[str]] = {}
+    for t, r in skipped.items():
+        why.setdefault(r, []).append(t)
+    lines += [f"  skipped {', '.join(ts)}: {r}" for r, ts in why.items()]
+    return lines
+
+
+def neox_tokenizer(log=print) -> str | None:
+    """The GPT-NeoX-20B tokenizer.json: $SPECTRA_TOKENIZER, the user cache
+    ($SPECTRA_HOME/tokenizers/gpt-neox-20b.json), the Hugging Face cache / Hub
+    (EleutherAI/gpt-neox-20b); None (train a BPE on the corpus) when none is available."""
+    import os
+
+    from spectra.eval.tasks import spectra_home
+
+    env = os.environ.get("SPECTRA_TOKENIZER", "").strip()
+    if env:
+        if not Path(env).is_file():
+            raise SpectraError(f"SPECTRA_TOKENIZER='{env}' is not a file; point it at a tokenizer.json or unset it")
+        return env
+    cached = spectra_home() / "tokenizers" / "gpt-neox-20b.json"
+    if cached.is_file():
+        return str(cached)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from spectra.store.hub import _cache_dir, offline
+
+        return hf_hub_download("EleutherAI/gpt-neox-20b", "tokenizer.json", cache_dir=_cache_dir(),
+                               local_files_only=offline())
+    except Exception as e:  # noqa: BLE001  (no network, no cache, no huggingface_hub: all mean "not available")
+        log(f"GPT-NeoX-20B tokenizer not available ({type(e).__name__}); training a byte-level BPE on the corpus "
+            f"instead (set SPECTRA_TOKENIZER or put it at {cached})")
+        return None
 
 
 def _dur(s: float) -> str:
@@ -274,6 +329,8 @@ class Suite:
         if self.plan.threads:
             torch.set_num_threads(self.plan.threads)
         self.check_dir()
+        for line in describe_tasks(self.plan):
+            self.log(line)
         t0 = time.perf_counter()
         self.stage("data", self.build_data)
         for size in self.plan.sizes:
@@ -311,8 +368,7 @@ class Suite:
         else:
             tok = self.plan.tokenizer
             if tok == "gpt-neox-20b":
-                tok = None if not Path("../shared/data/tokenizer/gpt-neox-20b.json").exists() else \
-                    "../shared/data/tokenizer/gpt-neox-20b.json"
+                tok = neox_tokenizer(self.log)
             build_dataset(self.plan.data, self.out / "data", tokenizer=tok, vocab_size=self.plan.vocab_size,
                           seed=self.plan.seed)
             ds = TokenDataset(self.out / "data", "train")
@@ -402,25 +458,39 @@ class Suite:
         return rows
 
     def task_data(self) -> Path | None:
-        if self.plan.task_data:
-            return Path(self.plan.task_data)
-        shared = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "eval"
-        for cand in (Path("../shared/data/eval"), shared):
-            if cand.exists():
-                return cand.resolve()
-        return None
+        from spectra.eval.tasks import expand_tasks, resolve_task_data
+
+        if not self.plan.eval_tasks:
+            return None
+        return resolve_task_data(self.plan.task_data, expand_tasks(self.plan.eval_tasks)).path
 
     def eval_one(self, model_id: str, path: Path, fam: str, size: str) -> dict:
         from spectra.eval import evaluate
 
         p = self.plan
+        run, skipped, src = plan_tasks(p)
         task_data = self.task_data()
-        tasks = p.eval_tasks if (p.eval_tasks and task_data is not None) else None
         out = self.out / "eval" / f"{model_id}.json"
-        res = evaluate(str(path), tasks=tasks, task_data=task_data, limit=p.eval_limit, out=out,
-                       val_data=str(self.data_dir), val_seq_len=p.seq_len, val_windows=p.val_windows,
-                       progress=self.progress)
-        return {"results": str(out), "val_loss": res.get("val_loss"), "six_task_avg": res.get("six_task_avg")}
+        kw = dict(limit=p.eval_limit, out=out, val_data=str(self.data_dir), val_seq_len=p.seq_len,
+                  val_windows=p.val_windows, progress=self.progress)
+        for t, why in skipped.items():
+            self.log(f"[skip] lm-eval task {t} for {model_id}: {why}")
+        try:
+            res = evaluate(str(path), tasks=",".join(run) or None, task_data=task_data, **kw)
+        except SpectraError as e:
+            if task_data is not None or not run:
+                raise
+            # Hub datasets unreachable: keep the validation loss, say why the tasks are missing.
+            self.log(f"[skip] lm-eval tasks {', '.join(run)} for {model_id}: {e}")
+            skipped.update({t: f"Hub datasets unavailable: {e}" for t in run})
+            res = evaluate(str(path), tasks=None, **kw)
+        if skipped:  # the results file says it too, not only the suite's log
+            from spectra.eval import write_results
+
+            res["skipped"] = {**skipped, **(res.get("skipped") or {})}
+            write_results(res, out)
+        return {"results": str(out), "val_loss": res.get("val_loss"), "six_task_avg": res.get("six_task_avg"),
+                "tasks_source": src, "tasks_skipped": skipped}
 
     def eval_packed(self, size: str) -> dict:
         """Validation loss of the packed TriLM through the native engine (same windows)."""
@@ -464,6 +534,8 @@ class Suite:
             ev = d.get(f"eval/{model_id}", {}).get("result")
             if ev:
                 eval_into(rec, json.loads(Path(ev["results"]).read_text()))
+                if ev.get("tasks_skipped"):
+                    rec.extra["tasks_skipped"] = ev["tasks_skipped"]
             packed = d.get(f"eval/{model_id}-packed", {}).get("result")
             if packed:
                 rec.extra["packed"] = {"val_loss": packed["val_loss"], "bytes": packed["bytes"],

@@ -17,8 +17,8 @@ def register(sub) -> None:
                    help="spectra6 | spectra13 | comma-separated lm-eval task names (default: spectra6, or none "
                         "when only --ppl/--val-data is given)")
     p.add_argument("--task-data", default=None, metavar="DIR",
-                   help="local JSON Lines in the HF schema, layout of ../shared/data/eval (see docs/evaluation.md); "
-                        "without it lm-eval loads the hub datasets")
+                   help="local JSON Lines in the HF schema, the layout `spectra tasks fetch` writes (docs/evaluation.md); "
+                        "without it: $SPECTRA_TASK_DATA, the user cache, then the hub datasets")
     p.add_argument("--limit", type=float, default=None, help="documents per task (int) or fraction (<1)")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     p.add_argument("--max-batch-tokens", type=int, default=8192, help="cap on rows x length per forward (default 8192)")

@@ -11,7 +11,8 @@ def register(sub) -> None:
     p.add_argument("--data", help="corpus source (path, hf:NAME, default) or an existing `spectra data` directory")
     p.add_argument("--sizes", help="comma-separated subset of the preset's sizes")
     p.add_argument("--tokens", type=int, help="training tokens per model (overrides the preset)")
-    p.add_argument("--task-data", help="local lm-eval task data (default: ../shared/data/eval when present)")
+    p.add_argument("--task-data", help="local lm-eval task data (default: $SPECTRA_TASK_DATA, then the "
+                   "`spectra tasks fetch` cache, then lm-eval's Hub datasets)")
     p.add_argument("--no-tasks", action="store_true", help="skip lm-eval tasks (validation loss only)")
     p.add_argument("--eval-limit", type=int, help="examples per lm-eval task")
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -48,7 +48,7 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
 
     ``tasks``: 'spectra6' | 'spectra13' | 'arc_easy,piqa' | list | None (no tasks).
     ``task_data``: directory of local JSON Lines in the HF schema (layout of
-    ../shared/data/eval); without it lm-eval loads the hub datasets as usual.
+    `spectra tasks fetch`); without it $SPECTRA_TASK_DATA, the user cache, then the hub datasets.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -6,8 +6,13 @@ pointing at a local JSON Lines file in the Hugging Face schema), written to a
 temporary directory that lm-eval's ``TaskManager(include_path=...)`` reads; the
 overriding task keeps lm-eval's task name, prompts, metrics and version.
 
-Local layout (``--task-data DIR``, as ../shared/data/eval): one file per task, see
-:data:`LOCAL`. Two tasks need a conversion, done here and recorded in the results:
+Where local task data comes from (:func:`resolve_task_data`, first found wins):
+``--task-data DIR``, the environment variable ``SPECTRA_TASK_DATA``, the user cache
+``$SPECTRA_HOME/tasks`` (default ``~/.cache/spectra/tasks``, filled by ``spectra tasks
+fetch``), else lm-eval loads its Hub datasets itself.
+
+Local layout: one file per task, see :data:`LOCAL`. Two tasks need a conversion, done
+here and recorded in the results:
 
 * winogrande: ``winogrande_hf_reconstructed.jsonl`` (the HF schema); the other file
   in the shared pack uses llm-foundry's expanded schema and is not used.
@@ -84,6 +89,75 @@ LOCAL: dict[str, LocalTask] = {
                                    ("question", "subject", "choices", "answer"),
                                    "{question, subject, choices:[4 str], answer:int} (cais/mmlu all test)"),
 }
+
+
+ENV_TASK_DATA = "SPECTRA_TASK_DATA"
+
+
+def spectra_home() -> Path:
+    """The user cache root: ``$SPECTRA_HOME``, default ``~/.cache/spectra``."""
+    return Path(os.environ.get("SPECTRA_HOME") or Path.home() / ".cache" / "spectra").expanduser()
+
+
+def task_cache_dir() -> Path:
+    return spectra_home() / "tasks"
+
+
+def task_file(data_dir: str | Path, task: str) -> Path | None:
+    """The file providing ``task`` under ``data_dir`` (first accepted name found), or None."""
+    spec = LOCAL.get(task)
+    if spec is None:
+        return None
+    return next((Path(data_dir) / f for f in spec.files if (Path(data_dir) / f).is_file()), None)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    path: Path | None  # None: lm-eval loads the Hub datasets itself
+    source: str  # where it came from, for plans, logs and results
+
+
+def resolve_task_data(explicit: str | Path | None = None, tasks: list[str] | None = None) -> TaskData:
+    """Local task data in the documented order: ``explicit`` (--task-data), $SPECTRA_TASK_DATA,
+    the user cache (used when it holds a file for at least one of ``tasks``), else None (Hub)."""
+    if explicit:
+        return TaskData(Path(explicit).expanduser(), "--task-data")
+    other = [t for t in (tasks or []) if t not in LOCAL]
+    if other:  # e.g. `--tasks mmlu`: only lm-eval's own loading knows it
+        return TaskData(None, f"lm-eval Hub datasets ('{other[0]}' has no local layout)")
+    env = os.environ.get(ENV_TASK_DATA, "").strip()
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_dir():
+            raise SpectraError(f"{ENV_TASK_DATA}='{env}' is not a directory; point it at task data "
+                               "(`spectra tasks fetch --dir DIR`) or unset it")
+        return TaskData(p, f"${ENV_TASK_DATA}")
+    cache = task_cache_dir()
+    wanted = tasks if tasks is not None else list(LOCAL)
+    if cache.is_dir() and any(task_file(cache, t) for t in wanted):
+        return TaskData(cache, "user cache")
+    return TaskData(None, "lm-eval Hub datasets")
+
+
+def task_status(tasks: list[str], td: TaskData) -> tuple[list[str], dict[str, str]]:
+    """(tasks that will run, {task: why skipped}) for a plan, without reading the files."""
+    if td.path is None:
+        from spectra.store.hub import offline
+
+        if offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip() in ("1", "true", "True", "yes"):
+            why = ("no local task data (--task-data, $SPECTRA_TASK_DATA and the user cache "
+                   f"{task_cache_dir()} are empty) and the Hub is offline; run `spectra tasks fetch` once online")
+            return [], {t: why for t in tasks}
+        return list(tasks), {}
+    run, skipped = [], {}
+    for t in tasks:
+        if t not in LOCAL:
+            skipped[t] = f"no local-data layout for '{t}' (local tasks: {', '.join(LOCAL)})"
+        elif task_file(td.path, t) is None:
+            skipped[t] = f"{td.path / LOCAL[t].files[0]} not found ({td.source}); `spectra tasks fetch --tasks {t}`"
+        else:
+            run.append(t)
+    return run, skipped
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -207,7 +281,8 @@ def write_local_tasks(tasks: list[str], data_dir: str | Path, out_dir: str | Pat
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir():
-        raise SpectraError(f"--task-data '{data_dir}' is not a directory (expected a layout like ../shared/data/eval)")
+        raise SpectraError(f"--task-data '{data_dir}' is not a directory (expected the layout `spectra tasks fetch` "
+                           "writes; docs/evaluation.md)")
     explicit = set(tasks) if explicit is None else explicit
     out_dir.mkdir(parents=True, exist_ok=True)
     ltasks = lm_eval_tasks_dir()
@@ -217,7 +292,7 @@ def write_local_tasks(tasks: list[str], data_dir: str | Path, out_dir: str | Pat
         if spec is None:
             raise SpectraError(f"task '{t}' has no local-data layout; known local tasks: {', '.join(LOCAL)} "
                                f"(run without --task-data to use the hub dataset)")
-        src = next((data_dir / f for f in spec.files if (data_dir / f).exists()), None)
+        src = task_file(data_dir, t)
         if src is None:
             msg = f"{data_dir / spec.files[0]} not found; expected JSON Lines rows {spec.schema}"
             if t in explicit:

@@ -109,6 +109,7 @@ def markdown(recs: list[ModelRecord], fits: dict, notes: dict, figures: dict[str
                     cells.append(_fmt(val * 100 if isinstance(val, float) and key.startswith("acc") else val, 1))
                 rows.append([r.id] + cells)
             md.append(_table(["model"] + tasks, rows))
+    md.extend(skipped_tasks_section(recs))
     md.append("\n## Scaling law: final validation loss L(N) = A / N^α + ε\n")
     if fits:
         md.append(_table(["family", "A", "α", "ε", "points", "rmse"],
@@ -144,6 +145,24 @@ def markdown(recs: list[ModelRecord], fits: dict, notes: dict, figures: dict[str
         for name, p in figures.items():
             md.append(f"\n### {name}\n\n![{name}]({p.name})\n")
     return "\n".join(md)
+
+
+def skipped_tasks_section(recs: list[ModelRecord]) -> list[str]:
+    """lm-eval tasks that did not run, with the reason (never a silent '–' column)."""
+    why: dict[str, dict[str, list[str]]] = {}  # reason -> task -> models
+    for r in recs:
+        for t, reason in (r.extra.get("tasks_skipped") or {}).items():
+            why.setdefault(reason, {}).setdefault(t, []).append(r.id)
+    if not why:
+        return []
+    out = ["\n## lm-eval tasks not run\n"]
+    if not any(r.six_task_avg is not None for r in recs):
+        out.append("No 6-task average: the tasks below did not run.\n")
+    for reason, tasks in why.items():
+        models = sorted({m for ms in tasks.values() for m in ms})
+        scope = "all models" if len(models) == len(recs) else ", ".join(models)
+        out.append(f"- {', '.join(tasks)} ({scope}): {reason}\n")
+    return out
 
 
 def trilm_gap(recs):
