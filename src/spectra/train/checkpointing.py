@@ -214,17 +214,16 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
 
 def load_train_state(path: Path, model, optimizer, d) -> dict:
     """Restore model (latent weights) + optimizer from DCP and the RNG; returns state.json."""
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from . import safe_dcp
 
     if not is_complete(path):
         raise SpectraError(f"checkpoint '{path}' is incomplete (no valid train_state/state.json); pick another or use --resume auto")
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dcp.load(state, checkpoint_id=str(path / "train_state" / "dcp"))
+    safe_dcp.load(state, path / "train_state" / "dcp")  # never dcp.load: it unpickles the index (docs/security.md)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / "train_state" / f"rng-rank{d.rank}.safetensors"
     if not rng.exists():
