@@ -8,7 +8,9 @@ def register(sub) -> None:
                        description="Import any Llama-architecture HF directory (safetensors, sharded or not, or .bin "
                                    "loaded with weights_only=True). A TriLM's ternary states and per-shard gammas are "
                                    "recovered from the unpacked weights and verified.")
-    p.add_argument("src", metavar="HF_DIR")
+    p.add_argument("src", metavar="HF_DIR", help="a local directory or a Hub id OWNER/NAME (huggingface_hub cache; "
+                                                "HF_HUB_OFFLINE=1: cache only)")
+    p.add_argument("--revision", default=None, help="Hub id only: branch, tag or commit (default: main)")
     p.add_argument("--out", required=True, metavar="CKPT", help="output model directory (written atomically)")
     p.add_argument("--family", default="auto", choices=["auto", "trilm", "floatlm", "quantlm"],
                    help="auto: from config (pretraining_model_parallel / spectra.family) or by counting magnitudes")
@@ -36,6 +38,11 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="gguf: tokenizer.json to embed (default: the checkpoint's own tokenizer.json)")
     p.add_argument("--name", default=None, help="gguf: general.name (default: the checkpoint directory name)")
+    p.add_argument("--eval-results", default=None, metavar="JSON",
+                   help="hf: a `spectra eval --out` results JSON for the model card's evaluation table")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="hf: upload the exported directory (with its model card) to the Hub repository OWNER/NAME")
+    p.add_argument("--private", action="store_true", help="--push-to-hub: create the repository private")
     p.set_defaults(func=run_export)
 
     p = sub.add_parser("verify-ternary", help="check that every block matrix is ternary per shard (<= 1 + MP distinct |w|)",
@@ -51,8 +58,10 @@ def register(sub) -> None:
 
 def run_import(args) -> int:
     from spectra.interop.hf import import_hf
+    from spectra.store import resolve
 
-    conv = import_hf(args.src, args.out, family=args.family, mp=args.mp, dtype=args.dtype)
+    src = resolve(args.src, args.revision)
+    conv = import_hf(src, args.out, family=args.family, mp=args.mp, dtype=args.dtype)
     c = conv.cfg
     print(f"imported {args.src} -> {args.out}: {conv.family}, dim={c.dim} layers={c.n_layers} heads={c.n_heads} "
           f"ffn={c.ffn_dim} vocab={c.vocab_size}")
@@ -64,12 +73,23 @@ def run_import(args) -> int:
 
 def run_export(args) -> int:
     if args.to == "hf":
-        from spectra.interop.hf import export_hf
+        from pathlib import Path
 
+        from spectra.interop.hf import export_hf
+        from spectra.interop.modelcard import load_eval_results, push_to_hub, write_model_card
+
+        results = load_eval_results(args.eval_results) if args.eval_results else None  # bad input: before any work
         conv = export_hf(args.ckpt, args.out, dtype=args.dtype)
+        card = write_model_card(args.ckpt, args.out, results, name=args.name or Path(args.out).name)
         extra = f", pretraining_model_parallel={conv.cfg.mp}" if conv.family == "trilm" else ""
-        print(f"exported {args.ckpt} -> {args.out} (Hugging Face LlamaForCausalLM, {args.dtype}{extra})")
+        print(f"exported {args.ckpt} -> {args.out} (Hugging Face LlamaForCausalLM, {args.dtype}{extra}; card {card.name})")
+        if args.push_to_hub:
+            print(f"pushed to {args.push_to_hub}: {push_to_hub(args.out, args.push_to_hub, private=args.private)}")
         return 0
+    if args.push_to_hub or args.eval_results:
+        from spectra.errors import SpectraError
+
+        raise SpectraError("--push-to-hub and --eval-results apply to --to hf")
     from spectra.interop.gguf_export import export_gguf
 
     res = export_gguf(args.ckpt, args.out, qtype=args.type, head_type=args.head_type, embed_type=args.embed_type,
