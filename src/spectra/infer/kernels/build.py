@@ -123,12 +123,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float  # noqa: F841
     lib.spx_cpu_supports.argtypes, lib.spx_cpu_supports.restype = [I], I
     lib.spx_best_kernel.argtypes, lib.spx_best_kernel.restype = [], I
-    lib.spx_state_new.argtypes, lib.spx_state_new.restype = [ctypes.POINTER(Model), I, I, I, I, I], P
+    lib.spx_state_new.argtypes, lib.spx_state_new.restype = [ctypes.POINTER(Model), I, I, I, I, I, I], P
     lib.spx_state_free.argtypes, lib.spx_state_free.restype = [P], None
     lib.spx_state_kernel.argtypes, lib.spx_state_kernel.restype = [P], I
     lib.spx_state_pos.argtypes, lib.spx_state_pos.restype = [P], I
-    lib.spx_state_set_pos.argtypes, lib.spx_state_set_pos.restype = [P, I], None
+    lib.spx_state_set_pos.argtypes, lib.spx_state_set_pos.restype = [P, I], I
     lib.spx_forward.argtypes, lib.spx_forward.restype = [P, P, I, P, I], I
+    # multi-sequence engine (spectra.infer.engine.NativeBatchEngine)
+    lib.spx_state_max_seqs.argtypes, lib.spx_state_max_seqs.restype = [P], I
+    lib.spx_slot_len.argtypes, lib.spx_slot_len.restype = [P, I], I
+    lib.spx_slot_set_len.argtypes, lib.spx_slot_set_len.restype = [P, I, I], I
+    lib.spx_step.argtypes, lib.spx_step.restype = [P, I, P, P, P, P, I], I
     lib.spx_matmul.argtypes, lib.spx_matmul.restype = [ctypes.POINTER(Mat), P, I, P, I, I, I], I
     lib.spx_quantize.argtypes, lib.spx_quantize.restype = [P, I, I, I, I, I, P, P, P, I], I
     lib.spx_read_sum.argtypes, lib.spx_read_sum.restype = [P, ctypes.c_size_t, I, I], ctypes.c_uint64

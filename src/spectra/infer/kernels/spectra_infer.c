@@ -212,21 +212,36 @@ static void decode_block_scalar(int fmt, const uint8_t *w, uint8_t *out) {
     }
 }
 
+/* ------------------------------------------------------------------ engine state
+ * max_seqs sequence slots, each a fixed KV-cache region of max_len positions (docs/packed-format.md,
+ * "Multi-sequence engine"); a step carries up to max_t rows (tokens) from any slots. */
 typedef struct spx_state {
     const spx_model *m;
-    int kernel, max_t, max_len, n_threads, pos, act_levels;
+    int kernel, max_t, max_len, max_seqs, n_threads, act_levels;
     spx_pool *pool;
     float *x, *xn, *q, *kk, *v, *att, *g, *u, *h, *scores;
     int8_t *xq;
     float *xd;
     int32_t *xs;
-    float *kcache, *vcache; /* [layers][heads][max_len][head_dim] */
+    float *kcache, *vcache; /* [slot][layer][head][max_len][head_dim] */
+    int32_t *slot_len;      /* [max_seqs] positions filled per slot */
+    int32_t *row_slot, *row_pos, *out_rows; /* [max_t] the current step's rows; rows whose logits are wanted */
+    uint8_t *seen;          /* [max_seqs] scratch: duplicate-slot check */
     int max_kp, max_nb;
     /* current job */
     const int32_t *tokens;
-    int T, p0, all_logits;
+    int T, n_out;
     float *logits;
 } spx_state;
+
+/* Split n output rows between threads in units of 8 (the tail n % 8 goes to the last thread): the
+ * tile path of a row (groups of 4 in mm_tern / head_rows, 8-wide SiLU) then depends on its index
+ * only, never on the thread count - part of the batch-invariance contract. */
+static inline void split_aligned(int n, int tid, int nth, int *lo, int *hi) {
+    split_range(n / 8, tid, nth, lo, hi);
+    *lo *= 8;
+    *hi = tid == nth - 1 ? n : *hi * 8;
+}
 
 /* ------------------------------------------------------------------ per-ISA code */
 #define SFX(name) name##_scalar
@@ -281,13 +296,33 @@ int spx_best_kernel(void) {
 
 static int kp_of(int k) { return (k + QK - 1) / QK * QK; }
 
-spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int n_threads, int kernel, int act_levels) {
-    if (act_levels < 1 || act_levels > 2) return NULL;
+/* Error codes of the entry points (spectra.infer.engine turns them into messages). */
+enum { SPX_EROWS = -1, SPX_EFULL = -2, SPX_ETOKEN = -3, SPX_ESLOT = -6, SPX_EDUP = -7, SPX_EARG = -8 };
+
+void spx_state_free(spx_state *s) {
+    if (!s) return;
+    pool_free(s->pool);
+    free(s->x); free(s->xn); free(s->q); free(s->kk); free(s->v); free(s->att);
+    free(s->g); free(s->u); free(s->h); free(s->scores); free(s->xq); free(s->xd); free(s->xs);
+    free(s->kcache); free(s->vcache);
+    free(s->slot_len); free(s->row_slot); free(s->row_pos); free(s->out_rows); free(s->seen);
+    free(s);
+}
+
+/* A state for up to max_seqs sequences of max_len positions, steps of up to max_t rows.
+ * NULL on bad arguments or when memory (or a thread) cannot be had; nothing leaks. The KV cache is
+ * calloc'd: untouched positions cost address space, not resident memory. */
+spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seqs, int n_threads, int kernel,
+                         int act_levels) {
+    if (!m || act_levels < 1 || act_levels > 2) return NULL;
+    if (max_t < 1 || max_t > (1 << 20) || max_len < 1 || max_seqs < 1 || max_seqs > (1 << 16)) return NULL;
     if (kernel == K_AUTO) kernel = spx_best_kernel();
     if (!spx_cpu_supports(kernel)) return NULL;
     if (max_len > m->rope_len) return NULL;
     spx_state *s = calloc(1, sizeof(*s));
-    s->m = m; s->kernel = kernel; s->max_t = max_t; s->max_len = max_len; s->act_levels = act_levels;
+    if (!s) return NULL;
+    s->m = m; s->kernel = kernel; s->max_t = max_t; s->max_len = max_len; s->max_seqs = max_seqs;
+    s->act_levels = act_levels;
     s->n_threads = n_threads < 1 ? 1 : n_threads;
     int D = m->dim, F = m->ffn;
     int maxk = 0;
@@ -304,30 +339,45 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int n_threa
     s->x = calloc(T * D, 4); s->xn = calloc(NT * T * D, 4);
     s->q = calloc(T * D, 4); s->kk = calloc(T * D, 4); s->v = calloc(T * D, 4); s->att = calloc(T * D, 4);
     s->g = calloc(T * F, 4); s->u = calloc(T * F, 4); s->h = calloc(T * F, 4);
-    s->scores = calloc((size_t)s->n_threads * max_len, 4);
-    s->xq = aligned_alloc(64, NT * 2 * T * maxk + 64);
+    s->scores = calloc(NT * max_len, 4);
+    s->xq = aligned_alloc(64, (NT * 2 * T * maxk + 63) / 64 * 64 + 64);
     s->xd = calloc(NT * 2 * T * s->max_nb, 4);
     s->xs = calloc(NT * 2 * T * s->max_nb, 4);
-    size_t kv = (size_t)m->n_layers * m->n_heads * max_len * m->head_dim;
+    size_t kv = (size_t)max_seqs * m->n_layers * m->n_heads * max_len * m->head_dim;
     s->kcache = calloc(kv, 4); s->vcache = calloc(kv, 4);
+    s->slot_len = calloc((size_t)max_seqs, 4); s->seen = calloc((size_t)max_seqs, 1);
+    s->row_slot = calloc(T, 4); s->row_pos = calloc(T, 4); s->out_rows = calloc(T, 4);
     if (!s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
-        !s->xq || !s->xd || !s->xs || !s->kcache || !s->vcache) return NULL;
+        !s->xq || !s->xd || !s->xs || !s->kcache || !s->vcache || !s->slot_len || !s->seen || !s->row_slot ||
+        !s->row_pos || !s->out_rows) {
+        spx_state_free(s);
+        return NULL;
+    }
     s->pool = pool_new(s->n_threads);
+    if (!s->pool) { spx_state_free(s); return NULL; }
     return s;
 }
 
-void spx_state_free(spx_state *s) {
-    if (!s) return;
-    pool_free(s->pool);
-    free(s->x); free(s->xn); free(s->q); free(s->kk); free(s->v); free(s->att);
-    free(s->g); free(s->u); free(s->h); free(s->scores); free(s->xq); free(s->xd); free(s->xs);
-    free(s->kcache); free(s->vcache);
-    free(s);
+int spx_state_kernel(const spx_state *s) { return s->kernel; }
+int spx_state_max_seqs(const spx_state *s) { return s->max_seqs; }
+
+/* Positions filled in a slot, or SPX_ESLOT. */
+int spx_slot_len(const spx_state *s, int slot) {
+    if (slot < 0 || slot >= s->max_seqs) return SPX_ESLOT;
+    return s->slot_len[slot];
 }
 
-int spx_state_kernel(const spx_state *s) { return s->kernel; }
-int spx_state_pos(const spx_state *s) { return s->pos; }
-void spx_state_set_pos(spx_state *s, int pos) { s->pos = pos; }
+/* Rewind a slot to its first n positions (0 empties it); growing is refused (the cache beyond is stale). */
+int spx_slot_set_len(spx_state *s, int slot, int n) {
+    if (slot < 0 || slot >= s->max_seqs) return SPX_ESLOT;
+    if (n < 0 || n > s->slot_len[slot]) return SPX_EARG;
+    s->slot_len[slot] = n;
+    return 0;
+}
+
+/* single-sequence view: slot 0 (kept for callers of the one-sequence API) */
+int spx_state_pos(const spx_state *s) { return s->slot_len[0]; }
+int spx_state_set_pos(spx_state *s, int pos) { return spx_slot_set_len(s, 0, pos); }
 
 static void forward_job(void *arg, int tid) {
     spx_state *s = (spx_state *)arg;
@@ -340,16 +390,46 @@ static void forward_job(void *arg, int tid) {
     }
 }
 
-/* Run T tokens starting at the state's position; writes logits of the last token
- * (or of all T tokens when all_logits) to `logits`. Returns 0 or a negative error. */
-int spx_forward(spx_state *s, const int32_t *tokens, int T, float *logits, int all_logits) {
-    if (T < 1 || T > s->max_t) return -1;
-    if (s->pos + T > s->max_len) return -2;
-    for (int i = 0; i < T; i++) if (tokens[i] < 0 || tokens[i] >= s->m->vocab) return -3;
-    s->tokens = tokens; s->T = T; s->p0 = s->pos; s->logits = logits; s->all_logits = all_logits;
+/* One ragged step: item i appends counts[i] tokens (consecutive in `tokens`) to slot slots[i].
+ * logits: [n_items, vocab] of each item's last token, or [sum(counts), vocab] for every token when
+ * all_logits. Every argument is checked before anything changes: returns 0, or a negative code
+ * (SPX_E*) with the state untouched. */
+int spx_step(spx_state *s, int n_items, const int32_t *slots, const int32_t *counts, const int32_t *tokens,
+             float *logits, int all_logits) {
+    if (!s || !slots || !counts || !tokens || !logits) return SPX_EARG;
+    if (n_items < 1 || n_items > s->max_seqs) return SPX_ESLOT;
+    long T = 0;
+    for (int i = 0; i < n_items; i++) {
+        if (slots[i] < 0 || slots[i] >= s->max_seqs) return SPX_ESLOT;
+        if (counts[i] < 1 || counts[i] > s->max_t) return SPX_EROWS;
+        T += counts[i];
+    }
+    if (T > s->max_t) return SPX_EROWS;
+    for (int i = 0; i < n_items; i++)
+        if ((long)s->slot_len[slots[i]] + counts[i] > s->max_len) return SPX_EFULL;
+    for (long t = 0; t < T; t++) if (tokens[t] < 0 || tokens[t] >= s->m->vocab) return SPX_ETOKEN;
+    int dup = 0;
+    for (int i = 0; i < n_items; i++) { dup |= s->seen[slots[i]]; s->seen[slots[i]] = 1; }
+    for (int i = 0; i < n_items; i++) s->seen[slots[i]] = 0;
+    if (dup) return SPX_EDUP;
+    int t = 0;
+    for (int i = 0; i < n_items; i++) {
+        int p0 = s->slot_len[slots[i]];
+        for (int j = 0; j < counts[i]; j++, t++) { s->row_slot[t] = slots[i]; s->row_pos[t] = p0 + j; }
+        if (!all_logits) s->out_rows[i] = t - 1;
+    }
+    if (all_logits) for (int r = 0; r < T; r++) s->out_rows[r] = r;
+    s->tokens = tokens; s->T = (int)T; s->n_out = all_logits ? (int)T : n_items; s->logits = logits;
     pool_run(s->pool, forward_job, s);
-    s->pos += T;
+    for (int i = 0; i < n_items; i++) s->slot_len[slots[i]] += counts[i];
     return 0;
+}
+
+/* Single sequence (slot 0): T tokens from its current position; logits of the last token (or of
+ * all T when all_logits). The batch-of-one case of spx_step. */
+int spx_forward(spx_state *s, const int32_t *tokens, int T, float *logits, int all_logits) {
+    int32_t slot = 0, count = T;
+    return spx_step(s, 1, &slot, &count, tokens, logits, all_logits);
 }
 
 /* --- single operations, for tests and the benchmark (same code as the forward) --- */
