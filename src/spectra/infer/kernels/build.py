@@ -12,6 +12,7 @@ reference path.
 Environment:
   SPECTRA_KERNEL=auto|scalar|avx2|avx512  force a code path (default auto = best the CPU has)
   SPECTRA_KERNEL_CACHE=DIR                where built libraries live (default ~/.cache/spectra/kernels)
+  SPECTRA_SPIN_US=N                       how long a waiting thread spins before it sleeps (default 50)
   CC=...                                  compiler (default: cc, gcc or clang from PATH)
 """
 
@@ -137,6 +138,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spx_matmul.argtypes, lib.spx_matmul.restype = [ctypes.POINTER(Mat), P, I, P, I, I, I], I
     lib.spx_quantize.argtypes, lib.spx_quantize.restype = [P, I, I, I, I, I, P, P, P, I], I
     lib.spx_read_sum.argtypes, lib.spx_read_sum.restype = [P, ctypes.c_size_t, I, I], ctypes.c_uint64
+    lib.spx_last_error.argtypes, lib.spx_last_error.restype = [], I
+    lib.spx_cpu_count.argtypes, lib.spx_cpu_count.restype = [], I
+    lib.spx_max_threads.argtypes, lib.spx_max_threads.restype = [], I
 
 
 def load_library() -> ctypes.CDLL:
@@ -151,6 +155,47 @@ def load_library() -> ctypes.CDLL:
             _declare(lib)
             _lib = lib
         return _lib
+
+
+# ----------------------------------------------------------------- threads
+THREADS_PER_CPU = 4  # SPX_THREADS_PER_CPU in spectra_infer.c: the hard cap is this x the usable CPUs
+POOL_ERRORS = {
+    -10: "more threads than the limit ({limit} = 4 x the {cpus} CPUs this process may use)",
+    -11: "the system refused to start a thread (pthread_create failed: process or memory limits)",
+    -12: "out of memory",
+}
+
+
+def usable_cpus() -> int:
+    """CPUs in this process's affinity mask (what taskset / a cpuset allows), the default thread count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(n: int) -> int:
+    """Validate an explicit thread count before any C call: 1 <= n <= 4 x usable CPUs.
+
+    More threads than CPUs is allowed when asked for (it only time-slices), but far more is a
+    mistake that could exhaust the process table, so it is refused before anything is created."""
+    cpus = usable_cpus()
+    limit = THREADS_PER_CPU * cpus
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise SpectraError(f"threads must be a positive integer, got {n!r}")
+    if n > limit:
+        raise SpectraError(f"threads={n} is refused: {POOL_ERRORS[-10].format(limit=limit, cpus=cpus)}; "
+                           f"use at most {limit} (default: {cpus}, one per CPU)")
+    return n
+
+
+def pool_error(lib: ctypes.CDLL) -> str | None:
+    """Why the last pool / state creation on this thread failed, if the thread pool was the cause."""
+    code = lib.spx_last_error()
+    if code in POOL_ERRORS:
+        cpus = lib.spx_cpu_count()
+        return POOL_ERRORS[code].format(limit=THREADS_PER_CPU * cpus, cpus=cpus)
+    return None
 
 
 def kernel_id(name: str) -> int:

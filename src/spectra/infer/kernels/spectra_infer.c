@@ -70,25 +70,96 @@ typedef struct {
     int32_t rope_len, pad1;
 } spx_model;
 
-/* ------------------------------------------------------------------ thread pool */
+/* ------------------------------------------------------------------ thread pool
+ * A server shares its machine, so a waiting thread must not burn a core that another process (or
+ * the very thread it waits for) needs. Every wait - workers for the next job, the caller for the
+ * workers, threads at a barrier - spins for at most spin_ns (default 50 us, SPECTRA_SPIN_US) and
+ * then sleeps on a futex (Linux; elsewhere it naps 50 us at a time). The scheduler then gives the
+ * idle core to whatever is runnable, typically the straggler being waited for. Thread counts are
+ * capped at SPX_THREADS_PER_CPU x the CPUs in the affinity mask: a pool never takes down the
+ * process table, and a failed pthread_create unwinds cleanly (pool_new returns NULL, spx_last_error
+ * says why). Which thread runs which rows never changes a result (kernels.inc, fp32 reduction order). */
+#ifdef __linux__
+#include <limits.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+static inline void futex_wait(atomic_int *w, int old) { syscall(SYS_futex, (int *)w, FUTEX_WAIT_PRIVATE, old, NULL, NULL, 0); }
+static inline void futex_wake(atomic_int *w) { syscall(SYS_futex, (int *)w, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0); }
+#else
+#include <time.h>
+#include <unistd.h>
+static inline void futex_wait(atomic_int *w, int old) { (void)w; (void)old; usleep(50); }
+static inline void futex_wake(atomic_int *w) { (void)w; }
+#endif
+
+#define SPX_THREADS_PER_CPU 4
+/* error codes (spx_last_error, and negative returns of the entry points that create pools) */
+enum { SPX_E_THREADS = -10, SPX_E_THREAD_CREATE = -11, SPX_E_NOMEM = -12 };
+static _Thread_local int spx_err;
+int spx_last_error(void) { return spx_err; }
+
+/* CPUs this process may run on (the affinity mask: taskset, cgroups cpusets) */
+int spx_cpu_count(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+int spx_max_threads(void) { return SPX_THREADS_PER_CPU * spx_cpu_count(); }
+
 typedef struct spx_pool {
     int n;
     pthread_t *th;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    atomic_long gen;
-    atomic_int stop;
     void (*fn)(void *, int);
     void *arg;
-    atomic_int pending;
+    long spin_ns;
+    atomic_int gen;       /* job generation: the futex word idle workers sleep on */
+    atomic_int pending;   /* workers still in the current job: the word the caller sleeps on */
+    atomic_int stop;
     atomic_int bar_count;
-    atomic_int bar_gen;
+    atomic_int bar_gen;   /* barrier generation: the word threads at a barrier sleep on */
+    atomic_int sleepers;  /* threads in (or entering) a futex wait: wakers skip the syscall at 0 */
 } spx_pool;
 
 static inline void cpu_relax(void) {
 #ifdef SPX_X86
     _mm_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
 #endif
+}
+
+static inline long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* Wait until *w != old: spin (checking the clock every 64 pauses), then sleep. The seq_cst
+ * increment of `sleepers` before the final check pairs with the waker's change-then-check in
+ * pool_wake (Dekker): either the waker sees a sleeper and wakes it, or the sleeper sees the change. */
+static void pool_wait(spx_pool *p, atomic_int *w, int old) {
+    long t0 = 0;
+    for (int i = 1; atomic_load_explicit(w, memory_order_acquire) == old; i++) {
+        cpu_relax();
+        if ((i & 63) == 0) {
+            long t = now_ns();
+            if (!t0) t0 = t;
+            else if (t - t0 >= p->spin_ns) break;
+        }
+    }
+    if (atomic_load(w) != old) return;
+    atomic_fetch_add(&p->sleepers, 1);
+    while (atomic_load(w) == old) futex_wait(w, old);
+    atomic_fetch_sub(&p->sleepers, 1);
+}
+
+static inline void pool_wake(spx_pool *p, atomic_int *w) {
+    if (atomic_load(&p->sleepers) > 0) futex_wake(w);
 }
 
 typedef struct { spx_pool *p; int tid; } worker_arg;
@@ -96,73 +167,83 @@ typedef struct { spx_pool *p; int tid; } worker_arg;
 static void *worker_main(void *a_) {
     worker_arg *a = (worker_arg *)a_;
     spx_pool *p = a->p;
-    int tid = a->tid;
-    long seen = 0;
+    int tid = a->tid, seen = 0;
     free(a);
     for (;;) {
-        /* spin a little before sleeping: in generation the next forward call comes within
-         * microseconds (Python samples one token), and a futex wake-up costs more than that */
-        for (int spins = 0; spins < 20000 && atomic_load(&p->gen) == seen && !atomic_load(&p->stop); spins++) cpu_relax();
-        pthread_mutex_lock(&p->mu);
-        while (atomic_load(&p->gen) == seen && !atomic_load(&p->stop)) pthread_cond_wait(&p->cv, &p->mu);
-        if (p->stop) { pthread_mutex_unlock(&p->mu); return NULL; }
+        pool_wait(p, &p->gen, seen);
         seen = atomic_load(&p->gen);
-        void (*fn)(void *, int) = p->fn;
-        void *arg = p->arg;
-        pthread_mutex_unlock(&p->mu);
-        fn(arg, tid);
-        atomic_fetch_sub(&p->pending, 1);
+        if (atomic_load(&p->stop)) return NULL;
+        p->fn(p->arg, tid);
+        if (atomic_fetch_sub(&p->pending, 1) == 1) pool_wake(p, &p->pending);
     }
-}
-
-static spx_pool *pool_new(int n) {
-    spx_pool *p = calloc(1, sizeof(*p));
-    p->n = n < 1 ? 1 : n;
-    pthread_mutex_init(&p->mu, NULL);
-    pthread_cond_init(&p->cv, NULL);
-    p->th = calloc((size_t)p->n, sizeof(pthread_t));
-    for (int i = 1; i < p->n; i++) {
-        worker_arg *a = malloc(sizeof(*a));
-        a->p = p; a->tid = i;
-        pthread_create(&p->th[i], NULL, worker_main, a);
-    }
-    return p;
 }
 
 static void pool_free(spx_pool *p) {
     if (!p) return;
-    pthread_mutex_lock(&p->mu);
     atomic_store(&p->stop, 1);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    if (p->n > 1) futex_wake(&p->gen);
     for (int i = 1; i < p->n; i++) pthread_join(p->th[i], NULL);
     free(p->th);
     free(p);
 }
 
+static long spin_ns_from_env(void) {
+    const char *e = getenv("SPECTRA_SPIN_US");
+    long us = 50;
+    if (e && *e) {
+        char *end;
+        long v = strtol(e, &end, 10);
+        if (*end == '\0' && v >= 0 && v <= 1000000) us = v;
+    }
+    return us * 1000L;
+}
+
+/* n threads (the caller is thread 0; n < 1 means one per CPU). NULL on failure, spx_last_error() says
+ * why: SPX_E_THREADS (more than SPX_THREADS_PER_CPU x CPUs), SPX_E_THREAD_CREATE, SPX_E_NOMEM. */
+static spx_pool *pool_new(int n) {
+    spx_err = 0;
+    if (n < 1) n = spx_cpu_count();
+    if (n > spx_max_threads()) { spx_err = SPX_E_THREADS; return NULL; }
+    spx_pool *p = calloc(1, sizeof(*p));
+    if (!p || !(p->th = calloc((size_t)n, sizeof(pthread_t)))) { free(p); spx_err = SPX_E_NOMEM; return NULL; }
+    p->n = 1;
+    p->spin_ns = spin_ns_from_env();
+    for (int i = 1; i < n; i++) {
+        worker_arg *a = malloc(sizeof(*a));
+        int rc = a ? 0 : SPX_E_NOMEM;
+        if (a) {
+            a->p = p; a->tid = i;
+            if (pthread_create(&p->th[i], NULL, worker_main, a) != 0) { free(a); rc = SPX_E_THREAD_CREATE; }
+        }
+        if (rc) { pool_free(p); spx_err = rc; return NULL; }  /* joins the i - 1 workers started */
+        p->n = i + 1;
+    }
+    return p;
+}
+
 /* Run fn(arg, tid) on every thread (the caller is tid 0) and wait for all. */
 static void pool_run(spx_pool *p, void (*fn)(void *, int), void *arg) {
     if (p->n == 1) { fn(arg, 0); return; }
+    p->fn = fn; p->arg = arg;
     atomic_store(&p->pending, p->n - 1);
-    pthread_mutex_lock(&p->mu);
-    p->fn = fn; p->arg = arg; atomic_fetch_add(&p->gen, 1);
-    pthread_cond_broadcast(&p->cv);
-    pthread_mutex_unlock(&p->mu);
+    atomic_fetch_add(&p->gen, 1);
+    pool_wake(p, &p->gen);
     fn(arg, 0);
-    int spins = 0;
-    while (atomic_load(&p->pending) > 0) { if (++spins > 4000) sched_yield(); else cpu_relax(); }
+    int left;
+    while ((left = atomic_load(&p->pending)) > 0) pool_wait(p, &p->pending, left);
 }
 
-/* Sense-counting spin barrier; yields after a while so an oversubscribed machine still progresses. */
+/* Sense-counting barrier: spin briefly, then sleep (pool_wait). */
 static void pool_barrier(spx_pool *p) {
     if (p->n == 1) return;
     int g = atomic_load(&p->bar_gen);
     if (atomic_fetch_add(&p->bar_count, 1) == p->n - 1) {
         atomic_store(&p->bar_count, 0);
         atomic_fetch_add(&p->bar_gen, 1);
+        pool_wake(p, &p->bar_gen);
     } else {
-        int spins = 0;
-        while (atomic_load(&p->bar_gen) == g) { if (++spins > 1000) sched_yield(); else cpu_relax(); }
+        pool_wait(p, &p->bar_gen, g);
     }
 }
 
@@ -319,6 +400,8 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seq
     if (kernel == K_AUTO) kernel = spx_best_kernel();
     if (!spx_cpu_supports(kernel)) return NULL;
     if (max_len > m->rope_len) return NULL;
+    spx_err = 0;  /* before any per-thread buffer is sized: refuse absurd thread counts (pool section) */
+    if (n_threads > spx_max_threads()) { spx_err = SPX_E_THREADS; return NULL; }
     spx_state *s = calloc(1, sizeof(*s));
     if (!s) return NULL;
     s->m = m; s->kernel = kernel; s->max_t = max_t; s->max_len = max_len; s->max_seqs = max_seqs;
@@ -455,12 +538,15 @@ int spx_matmul(const spx_mat *mat, const float *x, int T, float *out, int n_thre
     if (!spx_cpu_supports(kernel)) return -4;
     int nb = mat->kp / QK;
     if (nl < 1 || nl > 2) return -5;
-    matmul_job a = {mat, x, T, nl, out, kernel, aligned_alloc(64, (size_t)nl * T * mat->kp + 64),
-                    malloc((size_t)nl * T * nb * 4), malloc((size_t)nl * T * nb * 4), pool_new(n_threads)};
-    pool_run(a.pool, matmul_job_fn, &a);
+    spx_pool *pool = pool_new(n_threads);
+    if (!pool) return spx_err;
+    matmul_job a = {mat, x, T, nl, out, kernel, aligned_alloc(64, ((size_t)nl * T * mat->kp + 63) / 64 * 64 + 64),
+                    malloc((size_t)nl * T * nb * 4), malloc((size_t)nl * T * nb * 4), pool};
+    int rc = a.xq && a.xd && a.xs ? 0 : SPX_E_NOMEM;
+    if (!rc) pool_run(a.pool, matmul_job_fn, &a);
     pool_free(a.pool);
     free(a.xq); free(a.xd); free(a.xs);
-    return 0;
+    return rc;
 }
 
 /* The activation quantizer alone (x [T,k] -> q [T,kp], d/isum [T,kp/256]). */
@@ -492,9 +578,10 @@ static void bw_fn(void *a_, int tid) {
     a->sums[tid] = s0 + s1 + s2 + s3;
 }
 uint64_t spx_read_sum(const uint8_t *buf, size_t n, int n_threads, int reps) {
-    bw_job a = {buf, n, n_threads < 1 ? 1 : n_threads, {0}};
+    bw_job a = {buf, n, n_threads < 1 ? 1 : n_threads > 64 ? 64 : n_threads, {0}};
     spx_pool *p = pool_new(a.nth);
     uint64_t s = 0;
+    if (!p) return 0;
     for (int r = 0; r < reps; r++) { pool_run(p, bw_fn, &a); for (int i = 0; i < a.nth; i++) s += a.sums[i]; }
     pool_free(p);
     return s;
