@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from spectra.config import get_preset
+from spectra.losses import head_cross_entropy
 from spectra.model import Transformer
 from spectra.ternary import to_ternary
 from spectra.train.config import TrainConfig
@@ -89,13 +90,13 @@ def bench_shape(name, mc, batch, seq, steps, compile_ours, bf16=False):
         if key.startswith("ours"):
             if compile_ours:
                 apply_compile(m)  # what train.compile=true does
-            loss_fn = (lambda m: lambda x, y: m(x, targets=y))(m)  # the trainer's fused-loss path
+            loss_fn = (lambda m: lambda x, y: m(x, targets=y, loss_fn=head_cross_entropy))(m)  # the trainer's loss path
         else:
             loss_fn = hf_loss
         fns[key] = make_step(m, loss_fn, build_optimizer(m, cfg, 1e-4))
     if bf16:  # informational: train.precision=bf16 (autocast) on this CPU; never the default
         ours_b = Transformer(mc).init_weights(0).train()
-        step_b = make_step(ours_b, lambda x, y: ours_b(x, targets=y), build_optimizer(ours_b, cfg, 1e-4))
+        step_b = make_step(ours_b, lambda x, y: ours_b(x, targets=y, loss_fn=head_cross_entropy), build_optimizer(ours_b, cfg, 1e-4))
 
         def bf16_step(x, y):
             with torch.autocast("cpu", dtype=torch.bfloat16):

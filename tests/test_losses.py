@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from spectra.config import get_preset
-from spectra.losses import linear_cross_entropy
+from spectra.losses import head_cross_entropy, linear_cross_entropy
 from spectra.model import Transformer
 from spectra.ternary import to_ternary
 
@@ -86,7 +86,7 @@ def test_model_loss_path_equals_logits_path(family):
     plain.backward()
     ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
-    fused = m(x, targets=y)
+    fused = m(x, targets=y, loss_fn=head_cross_entropy)
     fused.backward()
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     for n, p in m.named_parameters():

@@ -243,6 +243,7 @@ def test_activation_checkpointing_same_math_less_memory(family):
     import torch
 
     from spectra.config import get_preset
+    from spectra.losses import head_cross_entropy
     from spectra.model import Transformer
     from spectra.ternary import to_ternary
     from spectra.train.parallel import apply_activation_checkpointing
@@ -265,7 +266,7 @@ def test_activation_checkpointing_same_math_less_memory(family):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = m(x, targets=x)
+            out = m(x, targets=x, loss_fn=head_cross_entropy)  # the trainer's loss path
         out.backward()
         saved.append(n[0])
         loss.append(out.item())

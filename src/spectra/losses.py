@@ -19,6 +19,20 @@ fp32 afterwards.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def head_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss of ``head(h)``: the ``loss_fn`` the trainer gives ``Transformer.forward``.
+
+    A plain ``nn.Linear`` head is fused with the cross-entropy (:func:`linear_cross_entropy`);
+    a replaced head (adapter, quantized) takes the plain path: logits, then fp32 cross-entropy.
+    """
+    if type(head) is nn.Linear:
+        return linear_cross_entropy(h, head.weight, targets, ignore_index)
+    logits = head(h)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
 def _chunk_rows(n: int, vocab: int, dim: int, device: torch.device) -> int:

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from spectra.config import ModelConfig
-from spectra.losses import linear_cross_entropy
 
 LinearFactory = Callable[[int, int, str], nn.Module]
+# (hidden states [..., dim], output head module, targets [...], ignore_index) -> mean loss.
+# spectra.losses.head_cross_entropy is the fused one the trainer passes in.
+LossFn = Callable[[torch.Tensor, nn.Module, torch.Tensor, int], torch.Tensor]
 
 
 def default_linear(in_features: int, out_features: int, name: str) -> nn.Module:
@@ -50,7 +52,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [T, D]
+    # x: [B, H, T, D]; cos/sin: [T, D] (shared positions) or [B, 1, T, D] (per-row positions)
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return (x * cos + rot * sin).to(x.dtype)
@@ -87,28 +89,43 @@ class Attention(nn.Module):
         self.v_proj = linear(d, d, "v_proj")
         self.o_proj = linear(d, d, "o_proj")
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries, keys, values [B, H, T, head_dim] of ``x`` [B, T, dim], RoPE applied to q and k."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        """Merge heads of the attention output [B, H, T, head_dim] and apply o_proj."""
+        b, _, t, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None):
+        """``mask``: bool [B or 1, 1, T, keys] (True = attend) replacing the causal mask; keys = T
+        without a cache, cache.pos + T with one."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is not None:
             p = cache.pos
             cache.k[layer][:b, :, p : p + t] = k
             cache.v[layer][:b, :, p : p + t] = v
             k = cache.k[layer][:b, :, : p + t]
             v = cache.v[layer][:b, :, : p + t]
-            if t == 1:
-                out = F.scaled_dot_product_attention(q, k, v)
-            elif p == 0:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # chunked prefill on top of an existing cache
-                mask = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(diagonal=p)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:
+            out = F.scaled_dot_product_attention(q, k, v)
+        elif cache.pos == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # chunked prefill on top of an existing cache
+            p = cache.pos
+            causal = torch.ones(t, p + t, dtype=torch.bool, device=x.device).tril(diagonal=p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        return self.out(out)
 
 
 class MLP(nn.Module):
@@ -130,8 +147,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, linear)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -171,44 +188,64 @@ class Transformer(nn.Module):
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(s).to(p.dtype))
         return self
 
-    def _rope(self, start: int, t: int, device, dtype):
+    def rope(self, start: int, t: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin [t, head_dim] for positions start .. start+t-1 (tables extended past max_seq_len)."""
         if start + t > self.rope_cos.shape[0]:
             cos, sin = rope_tables(self.cfg.head_dim, start + t, self.cfg.rope_theta, device)
         else:
             cos, sin = self.rope_cos, self.rope_sin
         return cos[start : start + t].to(device), sin[start : start + t].to(device)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B, T, dim] (before the head)."""
+    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin [B, 1, T, head_dim] at explicit per-row positions [B, T]."""
+        cos, sin = self.rope_cos, self.rope_sin
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if top > cos.shape[0]:
+            cos, sin = rope_tables(self.cfg.head_dim, top, self.cfg.rope_theta, positions.device)
+        return cos[positions][:, None], sin[positions][:, None]
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, *, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states [B, T, dim] (before the head).
+
+        Defaults: positions continue from ``cache.pos`` (0 without a cache) and attention is
+        causal. ``positions`` [B, T] and a bool ``mask`` [B, 1, T, keys] (True = attend) give
+        each row its own layout, e.g. several sequences packed into one row that share a
+        prefix (eval's prefix-tree batching) or padded rows.
+        """
         b, t = idx.shape
-        start = cache.pos if cache is not None else 0
         x = self.embed_tokens(idx)
-        cos, sin = self._rope(start, t, idx.device, x.dtype)
+        if positions is None:
+            cos, sin = self.rope(cache.pos if cache is not None else 0, t, idx.device)
+        else:
+            cos, sin = self.rope_at(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
             cache.pos += t
         return self.norm(x)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
-                ignore_index: int = -100) -> torch.Tensor:
+                ignore_index: int = -100, loss_fn: LossFn | None = None) -> torch.Tensor:
         """Logits [B, T, vocab]; or, given ``targets`` [B, T], the mean next-token loss.
 
-        The loss path fuses the head with the cross-entropy (:mod:`spectra.losses`): the
-        logits are never materialized. Training calls the module this way so that
-        DDP/FSDP hooks see the head weight used inside ``forward``.
+        ``loss_fn(hidden, lm_head, targets, ignore_index)`` replaces the plain head + fp32
+        cross-entropy: training passes :func:`spectra.losses.head_cross_entropy`, which fuses
+        them so the logits are never materialized. Training calls the module this way so
+        that DDP/FSDP hooks see the head weight used inside ``forward``.
         """
         h = self.hidden(idx, cache)
         if targets is None:
             return self.lm_head(h)
-        if type(self.lm_head) is nn.Linear:
-            return linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
-        logits = self.lm_head(h)  # a replaced head (adapter, quantized): the plain path
+        if loss_fn is not None:
+            return loss_fn(h, self.lm_head, targets, ignore_index)
+        logits = self.lm_head(h)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             loss_fn: LossFn | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy (fp32 reduction)."""
-        return self(idx, targets=targets, ignore_index=ignore_index)
+        return self(idx, targets=targets, ignore_index=ignore_index, loss_fn=loss_fn)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

@@ -240,9 +240,12 @@ def build_model(plan: Plan, cfg: TrainConfig):
 # -- the loop ---------------------------------------------------------------------------
 
 def _loss(model, x, y, fused: bool = True):
-    # Call the module (not .loss) so that DDP/FSDP hooks run.
+    # Call the module (not .loss) so that DDP/FSDP hooks run; the fused head + cross-entropy
+    # plugs in as the model's loss_fn (the model itself knows nothing of it).
     if fused:
-        return model(x, targets=y)
+        from spectra.losses import head_cross_entropy
+
+        return model(x, targets=y, loss_fn=head_cross_entropy)
     return F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
 
 
