@@ -40,7 +40,7 @@ def reference_sequential(model, calib, bits, gs):
     model = copy.deepcopy(model)
     n, T = calib.shape
     x = model.embed_tokens(calib)
-    cos, sin = model._rope(0, T, x.device, x.dtype)
+    cos, sin = model.rope(0, T, x.device)
     chunk = 16384 // T
     codes = {}
     for i, blk in enumerate(model.layers):

@@ -42,11 +42,10 @@ class _Row:
 
 
 def is_tree_capable(model) -> bool:
-    """True for our Transformer layout (embed_tokens, layers[i].self_attn.*_proj, norm, lm_head)."""
-    layers = getattr(model, "layers", None)
-    return (hasattr(model, "embed_tokens") and hasattr(model, "lm_head") and hasattr(model, "norm")
-            and layers is not None and len(layers) > 0 and hasattr(layers[0], "self_attn")
-            and hasattr(model, "rope_cos"))
+    """True for our Transformer (also with replaced linears): ``hidden(tok, positions=, mask=)`` and ``lm_head``."""
+    from spectra.model import Transformer
+
+    return isinstance(model, Transformer)
 
 
 def plan_rows(requests: list[tuple[list[int], list[int]]], max_length: int, share_prefix: bool = True) -> list[_Row]:
@@ -131,37 +130,6 @@ def _tree_inputs(rows: list[_Row], device):
             torch.tensor(scored_rows), torch.tensor(scored_cols), torch.tensor(targets), owners)
 
 
-def tree_hidden(model, tok: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Final-norm hidden states of our Transformer for explicit positions and mask.
-
-    The same computation as ``Transformer.hidden`` (same modules, same RoPE tables, same
-    fp32 normalisation), with per-token positions and an arbitrary attention mask.
-    """
-    from spectra.model import apply_rope, rope_tables
-
-    B, L = tok.shape
-    x = model.embed_tokens(tok)
-    cos_t, sin_t = model.rope_cos, model.rope_sin
-    if int(pos.max()) >= cos_t.shape[0]:
-        cos_t, sin_t = rope_tables(model.cfg.head_dim, int(pos.max()) + 1, model.cfg.rope_theta, tok.device)
-    cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]  # [B, 1, L, D]
-    for blk in model.layers:
-        att = blk.self_attn
-        h = blk.input_layernorm(x)
-        H, D = att.n_heads, att.head_dim
-        q = att.q_proj(h).view(B, L, H, D).transpose(1, 2)
-        k = att.k_proj(h).view(B, L, H, D).transpose(1, 2)
-        v = att.v_proj(h).view(B, L, H, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + att.o_proj(o.transpose(1, 2).reshape(B, L, -1))
-        x = x + blk.mlp(blk.post_attention_layernorm(x))
-    return model.norm(x)
-
-
 def _plain_inputs(rows: list[_Row], device):
     """Right-padded single-sequence rows for models that only expose ``model(idx) -> logits``."""
     B, L = len(rows), max(r.length for r in rows)
@@ -184,11 +152,14 @@ def is_native(model) -> bool:
     return getattr(model, "backend", None) == "native" and hasattr(model, "forward") and hasattr(model, "reset")
 
 
-def _set_pos(eng, pos: int) -> None:
-    if hasattr(eng, "set_pos"):
-        eng.set_pos(pos)
-    else:  # rewind the KV cache to the end of the shared prefix
-        eng.lib.spx_state_set_pos(eng._state, int(pos))
+def _rewind(eng, prefix: tuple[int, ...]) -> None:
+    """Put the engine's KV cache at the end of ``prefix`` (already fed once)."""
+    if hasattr(eng, "set_pos"):  # truncate the cache: the prefix's keys/values stay valid
+        eng.set_pos(len(prefix))
+    else:  # only reset/forward: recompute the prefix (same numbers, more work)
+        eng.reset()
+        if prefix:
+            eng.forward(list(prefix))
 
 
 def _score_native(eng, requests, max_length: int, pbar=None) -> list[tuple[float, bool]]:
@@ -200,8 +171,9 @@ def _score_native(eng, requests, max_length: int, pbar=None) -> list[tuple[float
         lp = len(r.prefix)
         if lp:
             eng.forward(list(r.prefix))
-        for br in r.branches:
-            _set_pos(eng, lp)
+        for k, br in enumerate(r.branches):
+            if k:
+                _rewind(eng, r.prefix)
             logits = torch.from_numpy(eng.forward(br.suffix, all_logits=True))
             logp = F.log_softmax(logits.float(), dim=-1)
             tgt = torch.tensor(br.targets)
@@ -223,7 +195,7 @@ def score(model, requests: list[tuple[list[int], list[int]]], *, max_length: int
     for chunk in batches(rows, batch_size, max_batch_tokens):
         if tree:
             tok, pos, mask, r_idx, c_idx, tgt, owners = _tree_inputs(chunk, device)
-            h = tree_hidden(model, tok, pos, mask)[r_idx, c_idx]  # [N, dim] scored positions only
+            h = model.hidden(tok, positions=pos, mask=mask)[r_idx, c_idx]  # [N, dim] scored positions only
             logits = model.lm_head(h)
         else:
             tok, r_idx, c_idx, tgt, owners = _plain_inputs(chunk, device)

@@ -26,7 +26,6 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
-    _add_special_kwargs,
     handle_stop_sequences,
     has_bos_prefix,
     normalize_gen_kwargs,
@@ -39,6 +38,15 @@ from spectra.eval import engine
 from spectra.eval.loading import describe, load_for_eval
 
 eval_logger = logging.getLogger(__name__)
+
+
+def _special_kwargs(add_special_tokens: bool | None, add_bos: bool | None) -> dict:
+    # As lm-eval's hf model decides add_special_tokens (its helper is private to lm-eval).
+    if add_special_tokens is not None:
+        return {"add_special_tokens": add_special_tokens}
+    if add_bos is not None:
+        return {"add_special_tokens": add_bos}
+    return {}
 
 
 def _req_bar(total: int, desc: str, disable: bool):
@@ -119,7 +127,7 @@ class SpectraLM(TemplateLM):
     # --- tokenization (as HFLM.tok_encode) ------------------------------------------------
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
-        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        special = _special_kwargs(add_special_tokens, self.add_bos_token)
         if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
             special["add_special_tokens"] = False
         enc = self.tokenizer.encode(string, **special)

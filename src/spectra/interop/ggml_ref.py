@@ -135,39 +135,28 @@ def model_from_gguf(path: str | Path, emulate: bool = True):
     return model, meta, types
 
 
-def _rms(x, w, eps):
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
 @torch.no_grad()
 def llama_cpp_forward(model, idx: torch.Tensor) -> torch.Tensor:
     """Logits [T, vocab] for one sequence as llama.cpp's CPU graph computes them
     (non-flash attention, F16 KV cache): the linears of ``model`` (a :func:`model_from_gguf`
     model with ``emulate=True``) quantize their inputs; K and V are stored as fp16; Q is
     rounded to fp16 for the Q.K^T product against the fp16 keys; the softmax weights are
-    rounded to fp16 for the product with the fp16 values."""
-    from spectra.model import apply_rope
-
+    rounded to fp16 for the product with the fp16 values. Everything else is the model's
+    own code (norms, projections, RoPE, MLP); only the attention core differs."""
     cfg = model.cfg
     t = idx.shape[-1]
     x = model.embed_tokens(idx.reshape(1, t)).float()
-    cos, sin = model._rope(0, t, x.device, x.dtype)
+    cos, sin = model.rope(0, t, x.device)
     mask = torch.full((t, t), float("-inf")).triu(1)
     for layer in model.layers:
         a = layer.self_attn
-        h = _rms(x, layer.input_layernorm.weight, cfg.norm_eps)
-        shape = (1, t, cfg.n_heads, cfg.head_dim)
-        q = apply_rope(a.q_proj(h).view(shape).transpose(1, 2), cos, sin)
-        k = apply_rope(a.k_proj(h).view(shape).transpose(1, 2), cos, sin).half().float()
-        v = a.v_proj(h).view(shape).transpose(1, 2).half().float()
+        q, k, v = a.qkv(layer.input_layernorm(x), cos, sin)
+        k, v = k.half().float(), v.half().float()
         s = q.half().float() @ k.transpose(-1, -2) / cfg.head_dim ** 0.5 + mask
         p = torch.softmax(s, -1).half().float()
-        o = (p @ v).transpose(1, 2).reshape(1, t, cfg.dim)
-        x = x + a.o_proj(o)
-        h = _rms(x, layer.post_attention_layernorm.weight, cfg.norm_eps)
-        m = layer.mlp
-        x = x + m.down_proj(torch.nn.functional.silu(m.gate_proj(h)) * m.up_proj(h))
-    return model.lm_head(_rms(x, model.norm.weight, cfg.norm_eps))[0]
+        x = x + a.out(p @ v)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(model.norm(x))[0]
 
 
 @torch.no_grad()

@@ -156,7 +156,7 @@ def quantize_layers(model, calib: torch.Tensor | None, spec: QuantSpec, *, chunk
     x = torch.empty(n, T, cfg.dim, dtype=torch.float32, device=dev)
     for c in chunks:
         x[c] = model.embed_tokens(calib[c].to(dev)).float()
-    cos, sin = model._rope(0, T, dev, torch.float32)
+    cos, sin = model.rope(0, T, dev)
     buf = torch.empty_like(x) if spec.true_sequential else None
 
     def hess_hook(h: Hessian, store=None, cur=None):
