@@ -1,13 +1,14 @@
+import json
 import subprocess
 import sys
 import time
 
 import pytest
 
-from spectra.bits import size_bits
 from spectra.config import PRESETS, SPECTRA_SIZES, ModelConfig, get_preset, padded_vocab
 from spectra.errors import SpectraError
 from spectra.model import build_meta, param_counts
+from spectra.sizes import size_bits
 
 PAPER_PARAMS = {"99m": 99.74e6, "190m": 190.5e6, "390m": 392.4e6, "560m": 569.2e6, "830m": 834.0e6,
                 "1.1b": 1.149e9, "1.5b": 1.515e9, "2.4b": 2.461e9, "3.9b": 3.989e9}
@@ -90,6 +91,22 @@ def test_cli_info_fast_and_complete():
     assert dt < 10  # generous under load; the benchmark of record is in the README (well under 2 s)
 
 
+def test_cli_info_imports_no_torch():
+    # Shapes and sizes are config arithmetic (spectra.sizes): torch's import alone costs seconds under load.
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "spectra", "info", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    mods = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "spectra.sizes" in mods  # the parse works (the listing is really there)
+    assert not {m for m in mods if m == "torch" or m.startswith("torch.")}
+    from spectra.sizes import count_params
+
+    rows = {row["preset"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == set(PRESETS)
+    for name, p in PRESETS.items():
+        assert rows[name]["params"] == count_params(p.model)["total"] == param_counts(build_meta(p.model))["total"]
+
+
 def test_cli_errors_exit_2():
     r = _cli("info", "--preset", "77m")
     assert r.returncode == 2
@@ -105,7 +122,7 @@ def test_cli_version_and_help():
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_count_params_equals_full_meta_count(name):
-    from spectra.model import count_params
+    from spectra.sizes import count_params
 
     cfg = get_preset(name).model
     assert count_params(cfg) == param_counts(build_meta(cfg))

@@ -125,7 +125,7 @@ def test_export_writes_model_card(offline_cache, tmp_path):
     assert {"spectra", "trilm", "ternary"} <= set(md["tags"])
     s = md["spectra"]
     assert s["family"] == "trilm" and s["pretraining_model_parallel"] == 6 and s["layers"] == 2
-    from spectra.bits import size_bits
+    from spectra.sizes import size_bits
     from spectra.model import build_meta, param_counts
     from spectra.store import read_model_config
 

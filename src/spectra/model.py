@@ -271,20 +271,6 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return c
 
 
-def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """:func:`param_counts` of the model a config builds, from its shapes alone.
-
-    Equal to counting a meta-device build (tested for every preset) but free of torch's
-    one-off meta-tensor warm-up (~1 s), so `spectra info` stays fast.
-    """
-    d, f, v, n = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
-    c = {"embedding": v * d, "head": v * d, "linear": n * (4 * d * d + 3 * d * f), "norm": n * 2 * d + d}
-    c["total"] = sum(c.values())
-    c["non_embedding"] = c["total"] - c["embedding"]
-    c["paper"] = c["linear"] + c["embedding"] + c["head"]
-    return c
-
-
 def build_meta(cfg: ModelConfig) -> Transformer:
     with torch.device("meta"):
         return Transformer(cfg)

@@ -1,4 +1,4 @@
-"""spectra info: parameters and size in bits of the presets."""
+"""spectra info: parameters and size in bits of the presets (config arithmetic only: no torch)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ def register(sub) -> None:
 
 
 def preset_rows(names=None) -> list[dict]:
-    from spectra.bits import FAMILIES, size_bits
     from spectra.config import PRESETS, get_preset
-    from spectra.model import count_params
+    from spectra.sizes import FAMILIES, count_params, size_bits
 
     presets = [get_preset(n) for n in names] if names else list(PRESETS.values())
     rows = []

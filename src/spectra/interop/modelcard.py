@@ -53,7 +53,7 @@ def to_yaml(obj, indent: int = 0) -> str:
 
 
 def card_metadata(ckpt: str | Path, eval_results: dict | None = None, name: str | None = None) -> dict:
-    from spectra.bits import size_bits
+    from spectra.sizes import size_bits
     from spectra.model import build_meta, param_counts
     from spectra.store import family_of, read_model_config
 

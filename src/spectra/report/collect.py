@@ -96,7 +96,7 @@ def curves_from_metrics(path: Path) -> tuple[dict, dict]:
 
 def model_sizes(model_dir: Path, family: str) -> tuple[int, int, float]:
     """(params, non-embedding params, size in bits) of a model directory, from its config only."""
-    from spectra.bits import size_bits
+    from spectra.sizes import size_bits
     from spectra.checkpoint import model_config_from_hf, read_config
     from spectra.model import build_meta, param_counts
 

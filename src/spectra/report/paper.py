@@ -9,7 +9,7 @@ SIX_TASK_AVG = {
     "1.1b": {"floatlm": 54.9, "q8": 54.8, "q6": 55.0, "q4": 54.4, "q3": 52.6, "trilm": 51.6},
     "3.9b": {"floatlm": 61.4, "q8": 61.3, "q6": 61.3, "q4": 60.7, "q3": 56.8, "trilm": 60.7},
 }
-# Size in bits x 1e9 as published (the rest computed from the presets by spectra.bits).
+# Size in bits x 1e9 as published (the rest computed from the presets by spectra.sizes).
 SIZE_BITS = {
     ("trilm", "99m"): 0.90, ("trilm", "390m"): 2.11, ("trilm", "1.1b"): 4.42, ("trilm", "3.9b"): 10.76,
     ("floatlm", "99m"): 1.60, ("floatlm", "390m"): 6.28, ("floatlm", "1.1b"): 18.39, ("floatlm", "3.9b"): 63.83,
@@ -27,7 +27,7 @@ def size_bits(family: str, size: str) -> float:
     """Size in bits of a published model: the paper's figure when given, else computed from the preset."""
     if (family, size) in SIZE_BITS:
         return SIZE_BITS[(family, size)] * 1e9
-    from spectra.bits import size_bits as compute
+    from spectra.sizes import size_bits as compute
     from spectra.config import get_preset
     from spectra.model import build_meta, param_counts
 
