@@ -43,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse takes a nargs='*' positional only once: dotted overrides (train) that come after a
+        # flag land here; anything else is still an error.
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -51,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except SpectraError as e:
         print(f"spectra {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:  # sizes are checked up front (spectra.validate); this is the last line of defence
+        print(f"spectra {args.command}: error: out of memory: an input size or a flag asks for more memory "
+              "than this machine has (see docs/security.md, Limits)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -58,6 +58,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise SpectraError(f"model field '{name}' must be a positive integer, got {v!r}")
+        from spectra.validate import check_model_limits  # hard limits before anything is sized from them
+
+        check_model_limits(dataclasses.asdict(self), "model config")
         if self.dim % self.n_heads:
             raise SpectraError(
                 f"model field 'dim'={self.dim} is not divisible by 'n_heads'={self.n_heads}; "

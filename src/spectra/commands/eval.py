@@ -46,18 +46,42 @@ def _limit(v):
     return int(v) if v >= 1 and float(v).is_integer() else v
 
 
+def _check_numbers(args) -> None:
+    """Zero or negative sizes are refused (0 never silently means 'default')."""
+    import math
+
+    from spectra.errors import SpectraError
+    from spectra.validate import check_positive, check_threads
+
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise SpectraError(f"--limit must be positive, got {args.limit}")
+    for flag in ("batch_size", "max_batch_tokens", "ppl_seq_len", "ppl_stride", "ppl_max_tokens", "val_seq_len"):
+        check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    check_positive(args.val_windows, "--val-windows", zero_ok=True)
+    check_positive(args.bootstrap_iters, "--bootstrap-iters", zero_ok=True)
+    check_threads(args.threads)
+    if args.ppl_stride and args.ppl_seq_len and args.ppl_stride > args.ppl_seq_len:
+        raise SpectraError(f"--ppl-stride {args.ppl_stride} exceeds --ppl-seq-len {args.ppl_seq_len}")
+
+
 def run(args) -> int:
     from spectra.errors import SpectraError
     from spectra.eval import evaluate, markdown, write_results
 
     tasks = args.tasks
+    if tasks is not None and not [t for t in tasks.split(",") if t.strip()]:
+        raise SpectraError(f"--tasks {tasks!r} names no task; give spectra6, spectra13 or lm-eval task names "
+                           "(or leave --tasks out and give --ppl / --val-data)")
     if tasks is None and not (args.ppl or args.val_data):
         tasks = "spectra6"
-    if args.limit is not None and args.limit <= 0:
-        raise SpectraError(f"--limit must be positive, got {args.limit}")
+    _check_numbers(args)
     many = len(args.ckpt) > 1
     if many and args.out and Path(args.out).suffix == ".json":
         raise SpectraError("--out must be a directory when several checkpoints are given")
+    if args.out:  # before any work: a results path that cannot be written fails now, not after the run
+        from spectra.validate import check_out_writable
+
+        check_out_writable(args.out, "--out", "dir" if many else "file")
     model_args = {"dtype": args.dtype}
     if args.threads:
         model_args["threads"] = args.threads

@@ -49,11 +49,14 @@ def _loaded(ckpt_or_model, tokenizer):
 def perplexity(ckpt_or_model, files, seq_len: int | None = None, stride: int | None = None, *, tokenizer=None,
                batch_size: int = 8, max_tokens: int | None = None, progress: bool = True) -> dict:
     """{file: {tokens, bytes, nll, nll_per_token, ppl, bits_per_byte, seq_len, stride}} for raw text files."""
+    for name, v in (("seq_len", seq_len), ("stride", stride), ("max_tokens", max_tokens)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SpectraError(f"perplexity {name} must be a positive integer or None (= default), got {v!r}")
     ld = _loaded(ckpt_or_model, tokenizer)
-    seq_len = int(seq_len or ld.max_length)
+    seq_len = ld.max_length if seq_len is None else seq_len
     if seq_len > ld.max_length:
         raise SpectraError(f"seq_len {seq_len} exceeds the model's context length {ld.max_length}")
-    stride = int(stride or seq_len)
+    stride = seq_len if stride is None else stride
     prefix = ld.bos_token_id if ld.bos_token_id is not None else ld.eos_token_id
     out = {}
     for f in [files] if isinstance(files, (str, Path)) else files:
@@ -65,8 +68,8 @@ def perplexity(ckpt_or_model, files, seq_len: int | None = None, stride: int | N
         except UnicodeDecodeError as e:
             raise SpectraError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         ids = ld.tokenizer.encode(text, add_special_tokens=False)
-        if max_tokens:
-            ids = ids[: int(max_tokens)]
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
             text = ld.tokenizer.decode(ids)  # bytes of what was scored, for bits/byte
         if not ids:
             raise SpectraError(f"{p}: no tokens (empty text)")
@@ -83,6 +86,18 @@ def perplexity(ckpt_or_model, files, seq_len: int | None = None, stride: int | N
     return out
 
 
+def _token_array(f: Path) -> np.ndarray:
+    """A 1-D integer token array from ``f`` (memory-mapped; never unpickled)."""
+    try:
+        a = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # object arrays, bad headers, truncated files
+        raise SpectraError(f"{f}: not a token array ({str(e).splitlines()[0][:120]}); expected a 1-D integer .npy") from None
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
+        raise SpectraError(f"{f}: expected a 1-D integer token array, got {getattr(a, 'dtype', type(a))} "
+                           f"with shape {getattr(a, 'shape', '?')}")
+    return a
+
+
 def _windows(data_dir, seq_len: int, max_windows: int | None, split: str) -> tuple[list[list[int]], dict]:
     """Disjoint (seq_len + 1)-token windows, in order, and what identifies the data.
 
@@ -96,7 +111,7 @@ def _windows(data_dir, seq_len: int, max_windows: int | None, split: str) -> tup
     if any(d.glob("*.npy")) and not (d / "manifest.json").exists():
         wins = []
         for f in sorted(d.glob("*.npy")):
-            a = np.load(f, mmap_mode="r")
+            a = _token_array(f)
             for w in range((len(a) - 1) // seq_len):
                 wins.append(np.asarray(a[w * seq_len:(w + 1) * seq_len + 1]).astype(np.int64).tolist())
                 if max_windows and len(wins) >= max_windows:
@@ -125,8 +140,8 @@ def validation_loss(model, data_dir, seq_len: int = 512, max_windows: int | None
     if not wins:
         raise SpectraError(f"'{data_dir}': fewer than {seq_len + 1} tokens; nothing to score")
     vocab = m.lm_head.weight.shape[0] if hasattr(m, "lm_head") else None
-    if vocab is not None and max(max(w) for w in wins) >= vocab:
-        raise SpectraError(f"'{data_dir}': token ids exceed the model vocabulary ({vocab}); wrong tokenizer/shards?")
+    if vocab is not None and (max(max(w) for w in wins) >= vocab or min(min(w) for w in wins) < 0):
+        raise SpectraError(f"'{data_dir}': token ids outside the model vocabulary [0, {vocab}); wrong tokenizer/shards?")
     reqs = [(w[:1], w[1:]) for w in wins]
     bar = tqdm(total=len(reqs), desc="val loss", unit="win", disable=not progress)
     res = engine.score(m, reqs, max_length=seq_len, batch_size=batch_size, max_batch_tokens=seq_len * batch_size, pbar=bar)

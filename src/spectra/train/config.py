@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,7 @@ def _build(cls, d: dict, source: str, prefix: str):
     kw = {}
     for k, v in d.items():
         if k not in fields:
-            raise SpectraError(f"{source}: unknown config key '{prefix}{k}'{closest(k, fields)}; "
+            raise SpectraError(f"{source}: unknown config key '{prefix}{k}'{closest(str(k), fields)}; "
                                f"allowed: {', '.join(fields)}")
         f = fields[k]
         sub = _SECTIONS.get(f.name) if cls is TrainConfig else None
@@ -244,6 +245,8 @@ def _coerce(v, f: dataclasses.Field, name: str, source: str):
     if t.startswith("float"):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise SpectraError(f"{source}: '{name}' must be a number, got {v!r}")
+        if not math.isfinite(v):  # nan/inf would silently poison every step
+            raise SpectraError(f"{source}: '{name}' must be a finite number, got {v!r}")
         return float(v)
     if t.startswith("str"):
         if not isinstance(v, (str, int, float)) or isinstance(v, bool):
@@ -260,9 +263,12 @@ _SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, 
 def load_config_file(path: str | Path) -> TrainConfig:
     """TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file -> TrainConfig."""
     p = Path(path)
-    if not p.exists():
-        raise SpectraError(f"config file '{p}' does not exist")
-    text = p.read_text()
+    if not p.is_file():
+        raise SpectraError(f"config file '{p}' does not exist (or is not a file)")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpectraError(f"config file '{p}' is not UTF-8 text (byte {e.start})") from None
     try:
         if p.suffix == ".toml":
             import tomllib
@@ -279,7 +285,7 @@ def load_config_file(path: str | Path) -> TrainConfig:
     except SpectraError:
         raise
     except Exception as e:  # noqa: BLE001 - parser errors name the line
-        raise SpectraError(f"config file '{p}' cannot be parsed: {e}") from None
+        raise SpectraError(f"config file '{p}' cannot be parsed: {' '.join(str(e).split())[:300]}") from None
     return TrainConfig.from_dict(d, str(p))
 
 
@@ -323,6 +329,7 @@ def validate(cfg: TrainConfig) -> None:
         raise SpectraError("schedule.warmup must be >= 0")
     if not 0 <= o.min_lr_ratio <= 1:
         raise SpectraError("optim.min_lr_ratio must be in [0, 1]")
+    _check_ranges(cfg)
     if cfg.batch.micro_batch <= 0:
         raise SpectraError("batch.micro_batch must be positive")
     if cfg.checkpoint.dtype not in ("float32", "float16", "bfloat16"):
@@ -339,3 +346,32 @@ def validate(cfg: TrainConfig) -> None:
     r = cfg.resume
     if r not in ("none", "auto") and not Path(r).exists():
         raise SpectraError(f"resume '{r}' is neither 'none', 'auto' nor an existing checkpoint directory")
+
+
+# (dotted key, lower bound, lower bound excluded, upper bound (excluded)): numbers that have a meaningful range. None values mean
+# "derive it" and are skipped; nan/inf are refused earlier, in _coerce.
+_RANGES = [
+    ("optim.lr", 0, True, None), ("optim.lr_after", 0, True, None), ("optim.beta1", 0, False, 1),
+    ("optim.beta2", 0, False, 1), ("optim.eps", 0, True, None), ("optim.weight_decay", 0, False, None),
+    ("optim.clip", 0, False, None), ("model.init_std", 0, True, None), ("batch.global_tokens", 0, True, None),
+    ("data.seq_len", 0, True, None), ("eval.every", 0, False, None), ("eval.batches", 0, True, None),
+    ("log.every", 0, True, None), ("log.peak_flops", 0, True, None), ("checkpoint.every", 0, False, None),
+    ("checkpoint.ephemeral_every", 0, False, None), ("checkpoint.log_spaced_until", 0, False, None),
+    ("train.loss_scale_init", 0, True, None), ("train.loss_scale_window", 0, True, None),
+    ("train.loss_scale_min", 0, True, None),
+]
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for key, lo, strict, hi in _RANGES:
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        if v is None:
+            continue
+        if v < lo or (strict and v == lo) or (hi is not None and v >= hi):
+            rng = f"in [{lo}, {hi})" if hi is not None else (f"> {lo}" if strict else f">= {lo}")
+            raise SpectraError(f"{key} must be {rng}, got {v}")
+    if cfg.train.threads is not None:
+        from spectra.validate import check_threads
+
+        check_threads(cfg.train.threads, "train.threads")
