@@ -34,7 +34,9 @@ def register(sub) -> None:
     b.add_argument("--hf-revision", default=None, help="revision of a hf: source")
     b.add_argument("--skip-bad-records", action="store_true",
                    help="skip (and count) jsonl lines that are not JSON or lack the text field instead of failing")
-    b.add_argument("--force", action="store_true", help="rebuild even if the inputs are unchanged")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild even if the inputs are unchanged, and replace an --out directory that "
+                        "`spectra data build` did not write (never one holding the input; docs/security.md)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
@@ -55,7 +57,7 @@ def run_build(args) -> int:
         on_bad="skip" if args.skip_bad_records else "fail", max_docs=args.max_docs, max_tokens=args.max_tokens,
         hf_split=args.hf_split, hf_data_files=args.hf_data_files, hf_revision=args.hf_revision, dtype=args.dtype,
         mp=args.mp, eos_token=args.eos_token, force=args.force, progress=not args.no_progress,
-        log=lambda m: print(m, flush=True),
+        log=lambda m: print(m, flush=True), wait_lock=False,
     )
     print(out)
     return 0

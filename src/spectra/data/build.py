@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from spectra.errors import SpectraError
-from spectra.fsutil import atomic_dir, atomic_write_json
+from spectra.fsutil import atomic_dir, atomic_write_json, claim_output, recover
 from spectra.data import manifest as mf
 from spectra.data.sources import Source, open_source
 from spectra.data.tokenizer import (TOKENIZER_FILE, file_hash, find_eos, load_tokenizer, resolve_tokenizer_file, train_bpe,
@@ -103,18 +103,9 @@ class ShardWriter:
         return self.shards
 
 
-@contextlib.contextmanager
-def _lock(out_dir: Path):
-    """Serialize builds of one directory (e.g. every rank of a job calling build_dataset)."""
-    import fcntl
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _is_data_dir(p: Path) -> bool:
+    """A directory an older `spectra data build` wrote (before output markers): it has a manifest."""
+    return (p / mf.MANIFEST).is_file()
 
 
 @contextlib.contextmanager
@@ -224,13 +215,16 @@ def build_dataset(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    wait_lock: bool = True,
 ) -> Path:
     """Tokenize ``source`` into ``out_dir`` (see module doc and docs/data.md); returns ``out_dir``.
 
     ``source``: a file or directory path, ``"hf:NAME[:CONFIG]"`` or ``"default"``.
     ``tokenizer``: a tokenizer.json (or a directory holding one); ``None`` or
     ``"train-bpe"`` trains a byte-level BPE of ``vocab_size`` on the train split.
-    A re-run with identical inputs returns at once (``force=True`` rebuilds).
+    A re-run with identical inputs returns at once (``force=True`` rebuilds, and may replace
+    a directory `spectra data build` did not write). ``wait_lock``: wait for another build of
+    ``out_dir`` to finish (False: raise a SpectraError naming it, as the CLI does).
     """
     log = log or (lambda m: print(m, file=sys.stderr) if progress else None)
     out_dir = Path(out_dir)
@@ -256,9 +250,10 @@ def build_dataset(
     }
     build_key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
 
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SpectraError(f"output path {out_dir} exists and is a file; give a directory for --out")
-    with _lock(out_dir):
+    inputs = [p for p in (source, tok_file) if p is not None and Path(str(p)).exists()]
+    # --out policy (docs/security.md): replace only a data directory, an empty one, or with force;
+    # never one holding the corpus or tokenizer. The lock makes concurrent builds of it wait or fail.
+    with claim_output(out_dir, "data build", inputs=inputs, force=force, owned=_is_data_dir, wait=wait_lock):
         _remove_stale_temps(out_dir)
         if out_dir.exists() and not force:
             if (out_dir / mf.MANIFEST).is_file():
@@ -272,17 +267,15 @@ def build_dataset(
                     log(f"{out_dir}: inputs changed; rebuilding")
                 except SpectraError as e:
                     log(f"{out_dir}: existing build is not valid ({e}); rebuilding")
-            elif any(out_dir.iterdir()):
-                raise SpectraError(f"output directory {out_dir} exists, is not empty and has no {mf.MANIFEST}; "
-                                   f"refusing to replace it (choose another --out)")
         t0 = time.perf_counter()
         with atomic_dir(out_dir) as tmp, _parallelism(num_workers):
             m = _build_into(tmp, src, tok_file, vocab_size, val_fraction, seed, shard_tokens, dtype, mp, eos_token,
                             max_tokens, bpe_max_bytes, progress, log)
             m["build_key"] = build_key
             atomic_write_json(tmp / mf.MANIFEST, m)
-        # the content hashes were just computed: stamp them so the next open can skip re-hashing
-        mf.write_stamps(out_dir, {s["file"]: s["blake2b"] for sp in mf.SPLITS for s in m["splits"][sp]["shards"]})
+            # the content hashes were just computed: stamp them (before the swap; a rename keeps
+            # inode and mtime) so the next open can skip re-hashing
+            mf.write_stamps(tmp, {s["file"]: s["blake2b"] for sp in mf.SPLITS for s in m["splits"][sp]["shards"]})
     tr, va = m["splits"]["train"], m["splits"]["validation"]
     log(f"{out_dir}: {tr['documents'] + va['documents']} documents, train {tr['tokens']:,} tokens, "
         f"validation {va['tokens']:,} tokens, {m['dtype']}, in {time.perf_counter() - t0:.1f}s")
@@ -433,10 +426,12 @@ def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed
 
 
 def _remove_stale_temps(out_dir: Path) -> None:
-    """Leftovers of a killed build (atomic_dir's '.NAME.*.tmp' / '.NAME.old'); safe under the lock,
-    and never trusted anyway: only a complete directory with a manifest is ever read."""
+    """Leftovers of a killed build (atomic_dir's '.NAME.*.tmp'); safe under the lock, and never
+    trusted anyway: only a complete directory with a manifest is ever read. A previous build
+    parked as '.NAME.old' by an interrupted fallback swap is restored first, never deleted."""
+    recover(out_dir)
     for p in out_dir.parent.glob(f".{out_dir.name}.*"):
-        if p.is_dir() and (p.name.endswith(".tmp") or p.name == f".{out_dir.name}.old"):
+        if p.is_dir() and p.name.endswith(".tmp"):
             shutil.rmtree(p, ignore_errors=True)
 
 
