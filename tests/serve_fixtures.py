@@ -119,8 +119,7 @@ class LiveServer:
         return False
 
     def engine_active(self) -> int:
-        eng = self.engine
-        return eng.active() if hasattr(eng, "active") else self.scheduler.active
+        return int(self.engine.active)
 
     def close(self) -> None:
         self.server.should_exit = True

@@ -99,7 +99,7 @@ def test_slots_acquire_release(eng):
     assert s == slots[0] and eng.length(s) == 0
     for s in slots:
         eng.release(s)
-    assert eng.active() == 0
+    assert eng.active == 0
 
 
 def test_batch_invariant_flag_is_measured(eng):
@@ -145,7 +145,7 @@ def test_scheduler_greedy_matches_generate(eng, tok):
         assert o["text"] == ref.text
         assert o["finish"].reason == "length" and o["finish"].completion_tokens == 12
         assert all(lp <= 0 for lp in o["logprobs"])
-    assert eng.active() == 0
+    assert eng.active == 0
 
 
 def test_chunked_prefill_keeps_decoders_going(eng):
@@ -214,7 +214,7 @@ def test_cancel_queue_full_and_drain(eng):
     events = queue.Queue()
     rs = [s.submit(Request(PROMPTS[0], Params(50), events.put)) for _ in range(2)]
     s._iteration()
-    assert s.active == 2 and eng.active() == 2
+    assert s.active == 2 and eng.active == 2
     q = [s.submit(Request(PROMPTS[0], Params(5), events.put)) for _ in range(2)]
     with pytest.raises(QueueFull):
         s.submit(Request(PROMPTS[0], Params(5), events.put))
@@ -222,13 +222,13 @@ def test_cancel_queue_full_and_drain(eng):
         s.submit(Request(PROMPTS[0], Params(96), events.put))
     rs[0].cancel()
     s._iteration()  # the cancelled request leaves, its slot goes to the first waiting one
-    assert s.active == 2 and s.queue_len == 1 and rs[0].done and eng.active() == 2
+    assert s.active == 2 and s.queue_len == 1 and rs[0].done and eng.active == 2
     s.drain(0.0)
     with pytest.raises(Draining):
         s.submit(Request(PROMPTS[0], Params(5), events.put))
     assert q[1].done is False and s.queue_len == 0  # waiting request got its error event at once
     s._iteration()  # past the (zero) grace: running ones end with an error
-    assert s.active == 0 and eng.active() == 0
+    assert s.active == 0 and eng.active == 0
     fins = [e for e in iter(lambda: events.get_nowait() if not events.empty() else None, None)
             if isinstance(e, FinishEvent)]
     assert sorted(f.reason for f in fins) == ["abort", "error", "error", "error"]
@@ -253,7 +253,7 @@ def test_scheduler_thread_survives_concurrent_clients(eng):
     assert not errors and len(results) == 10
     for i in range(10):
         assert results[i] == results[i % 4]
-    assert eng.active() == 0 and s.steps > 0
+    assert eng.active == 0 and s.steps > 0
 
 
 def test_detokenizer_and_helpers(tok):

@@ -113,7 +113,9 @@ class TorchBatchEngine:
         self._check_slot(slot)
         return self._len[slot]
 
+    @property
     def active(self) -> int:
+        """Slots in use."""
         return sum(self._used)
 
     def _check_slot(self, slot: int) -> None:

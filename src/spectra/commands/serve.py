@@ -1,0 +1,39 @@
+"""spectra serve: an OpenAI-compatible HTTP server with continuous batching (any model kind)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible server with continuous batching (docs/serving.md)")
+    p.add_argument("model", help="packed directory (spectra pack: native engine) or any checkpoint directory (PyTorch)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-key)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    p.add_argument("--parallel", type=int, default=16, help="sequences decoded together (slots; default 16)")
+    p.add_argument("--max-len", type=int, default=None, help="context per sequence, prompt + completion (default: the model's)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPECTRA_API_KEY)")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="auto: native engine for packed directories, PyTorch otherwise")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--max-step-tokens", type=int, default=256,
+                   help="tokens per engine step (decode rows + prompt chunks; default 256)")
+    p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes (413 past it)")
+    p.add_argument("--drain-timeout", type=float, default=5.0,
+                   help="seconds running requests get to finish after SIGTERM (default 5)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from spectra.errors import SpectraError
+
+    try:
+        from spectra.serve.server import ServeConfig, api_key_from_env, serve
+    except ImportError as e:
+        raise SpectraError(f"spectra serve needs the 'serve' extra ({e.name} missing): pip install 'spectra-lm[serve]'") from None
+    cfg = ServeConfig(args.model, args.host, args.port, args.parallel, args.max_len, args.threads,
+                      api_key_from_env(args.api_key), args.backend, args.max_queue, args.max_step_tokens, args.max_body,
+                      args.drain_timeout, args.served_model_name, args.access_log, args.log_level)
+    return serve(cfg)
