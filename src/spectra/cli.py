@@ -41,7 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # A fallback (e.g. no C compiler -> PyTorch path) is one line for a CLI user, not a source excerpt.
+    return f"spectra: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
