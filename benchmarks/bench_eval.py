@@ -63,7 +63,8 @@ def main() -> int:
     from lm_eval.tasks import TaskManager
 
     import spectra.eval  # noqa: F401
-    from spectra.eval.fixtures import make_random_llama
+    sys.path.insert(0, str(REPO / "tests"))  # test helpers: not part of the package
+    from helpers.random_llama import make_random_llama
     from spectra.eval.tasks import write_local_tasks
 
     torch.set_num_threads(args.threads)

@@ -74,7 +74,8 @@ def main() -> int:
     from spectra.config import get_preset
     from spectra.interop.gguf_export import export_gguf
     from spectra.interop.hf import export_hf, import_hf
-    from spectra.interop.synthetic import write_release_dir
+    sys.path.insert(0, str(REPO / "tests"))  # test helpers: not part of the package
+    from helpers.release_dirs import write_release_dir
     from spectra.interop.verify import verify_dir
 
     torch.set_num_threads(2)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers", reason="transformers not installed (the hf e
 from spectra.cli import main  # noqa: E402
 from spectra.eval import results as R  # noqa: E402
 from spectra.eval import tasks as T  # noqa: E402
-from spectra.eval.fixtures import make_random_llama  # noqa: E402
+from helpers.random_llama import make_random_llama  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,7 @@ pytest.importorskip("accelerate", reason="accelerate not installed (lm-eval's hf
 
 import spectra.eval  # noqa: E402  (registers "spectra")
 from spectra.eval import engine  # noqa: E402
-from spectra.eval.fixtures import make_random_llama  # noqa: E402
+from helpers.random_llama import make_random_llama  # noqa: E402
 from spectra.eval.perplexity import window_requests  # noqa: E402
 from conftest import Req  # noqa: E402
 

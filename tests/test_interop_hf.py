@@ -14,9 +14,10 @@ from spectra.cli import main
 from spectra.config import ModelConfig
 from spectra.errors import SpectraError
 from spectra.interop.hf import export_hf, import_hf
-from spectra.interop.synthetic import release_state, write_release_dir
 from spectra.interop.verify import format_table, verify_dir
 from spectra.ternary import dequantize, recover_ternary, split_of
+
+from helpers.release_dirs import release_state, write_release_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,4 @@
-"""Small random Hugging Face Llama directories for tests and benchmarks of the eval stack.
+"""Small random Hugging Face Llama directories for the eval tests and benchmarks.
 
 Built with transformers itself (``LlamaForCausalLM.save_pretrained`` plus a
 ``PreTrainedTokenizerFast`` around a ``tokenizer.json``), so the directory is what a

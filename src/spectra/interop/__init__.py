@@ -6,7 +6,6 @@
 - :mod:`spectra.interop.verify`: ``verify_dir`` / ``format_table`` (the "<= 1 + MP" check).
 - :mod:`spectra.interop.gguf_export`: ``export_gguf`` (llama arch, TQ2_0/TQ1_0/Q8_0/F16).
 - :mod:`spectra.interop.ggml_ref`: a torch reference of llama.cpp's quantized matmul numerics.
-- :mod:`spectra.interop.synthetic`: SpectraSuite-style directories for tests.
 
 Submodules import torch; import them directly (this package stays light).
 """
