@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -151,6 +152,10 @@ def serve(cfg: ServeConfig) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"spectra serve: listening on http://{shown}:{port} (loading {cfg.model})", file=sys.stderr, flush=True)
     threading.Thread(target=loader, name="spectra-load", daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises a caught SIGTERM once it has shut down (restoring the handler it found);
+        # after a complete drain that should be a normal exit (status 0), so the handler it restores is a no-op.
+        signal.signal(signal.SIGTERM, lambda sig, frame: None)
     try:
         server.run(sockets=[sock])
     finally:
