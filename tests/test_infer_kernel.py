@@ -116,8 +116,17 @@ def test_unknown_kernel_name():
         kernels.resolve_kernel("avx3")
 
 
-def test_read_bandwidth_probe_runs():
+def test_read_bandwidth_probe_reads_every_word():
+    # The probe's checksum (so the compiler cannot drop the reads): over whole 4 KiB chunks, the
+    # sum mod 2^64 of w[i] ^ w[i+4] for each group of 8 words, once per repetition. Addition mod
+    # 2^64 is order-free, so it must not depend on the thread split; a partial last chunk is skipped.
     from spectra.infer.kernels.build import load_library
 
-    buf = np.ones(1 << 20, dtype=np.uint8)
-    assert load_library().spx_read_sum(buf.ctypes.data, buf.nbytes, 2, 1) >= 0
+    buf = np.random.default_rng(0).integers(0, 256, (1 << 20) + 1000, dtype=np.uint8)
+    w = buf[: (buf.nbytes // 4096) * 4096].view(np.uint64).reshape(-1, 8)
+    once = int(np.sum(w[:, :4] ^ w[:, 4:], dtype=np.uint64))
+    assert once != 0
+    lib = load_library()
+    for threads, reps in ((1, 1), (2, 1), (3, 2)):
+        got = lib.spx_read_sum(buf.ctypes.data, buf.nbytes, threads, reps)
+        assert got == (once * reps) % (1 << 64), (threads, reps)
