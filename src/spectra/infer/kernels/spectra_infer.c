@@ -11,6 +11,10 @@
  *   scalar  portable C (any CPU, any architecture)
  *   avx2    AVX2 + FMA + F16C: maddubs on 2-bit / base-3 trits (llama.cpp style)
  *   avx512  AVX2 code with AVX512-VNNI (256-bit vpdpbusd) for the ternary dots
+ *   neon    aarch64 Armv8.2 dotprod: SDOT for the ternary dots (neon.inc)
+ *   i8mm    aarch64 Armv8.6 i8mm: SMMLA 2x2 tiles for prefill, SDOT for decode (neon.inc)
+ * The ternary matmuls of every path give the scalar path's bits (one fp32 reduction order,
+ * kernels.inc); the NEON paths' forward equals the scalar forward bit for bit.
  *
  * Numerics: activations entering a ternary matrix (and the q8 head) are quantized
  * to int8 per 256-value block (scale = absmax/127, round half to even), exactly as
@@ -29,6 +33,17 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SPX_X86 1
+#elif defined(__aarch64__) && defined(__linux__)
+/* aarch64: NEON paths picked at run time from the kernel's hwcaps (getauxval), never from the build host */
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#define SPX_ARM 1
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1UL << 20)
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1UL << 13)
+#endif
 #endif
 
 /* software prefetch of the output head ~4 rows ahead (NTA: the head is streamed once per token
@@ -352,8 +367,30 @@ static inline void split_aligned(int n, int tid, int nth, int *lo, int *hi) {
 #pragma GCC pop_options
 #endif
 
+#ifdef SPX_ARM
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.2-a+dotprod")
+#define SPX_NEON 1
+#define SFX(name) name##_neon
+#include "kernels.inc"
+#include "forward.inc"
+#undef SFX
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=armv8.6-a+dotprod+i8mm")
+#define SPX_I8MM 1
+#define SFX(name) name##_i8mm
+#include "kernels.inc"
+#include "forward.inc"
+#undef SFX
+#undef SPX_I8MM
+#undef SPX_NEON
+#pragma GCC pop_options
+#endif
+
 /* ------------------------------------------------------------------ public API */
-enum { K_AUTO = 0, K_SCALAR = 1, K_AVX2 = 2, K_AVX512 = 3 };
+enum { K_AUTO = 0, K_SCALAR = 1, K_AVX2 = 2, K_AVX512 = 3, K_NEON = 4, K_I8MM = 5 };
 
 int spx_cpu_supports(int kernel) {
     if (kernel == K_SCALAR) return 1;
@@ -365,12 +402,18 @@ int spx_cpu_supports(int kernel) {
         return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 #endif
+#ifdef SPX_ARM
+    int dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+    if (kernel == K_NEON) return dotprod;
+    if (kernel == K_I8MM) return dotprod && (getauxval(AT_HWCAP2) & HWCAP2_I8MM) != 0;
+#endif
     return 0;
 }
 
 int spx_best_kernel(void) {
-    if (spx_cpu_supports(K_AVX512)) return K_AVX512;
-    if (spx_cpu_supports(K_AVX2)) return K_AVX2;
+    static const int order[] = {K_AVX512, K_AVX2, K_I8MM, K_NEON};
+    for (int i = 0; i < 4; i++)
+        if (spx_cpu_supports(order[i])) return order[i];
     return K_SCALAR;
 }
 
@@ -469,6 +512,10 @@ static void forward_job(void *arg, int tid) {
     case K_AVX512: forward_avx512(s, tid); break;
     case K_AVX2: forward_avx2(s, tid); break;
 #endif
+#ifdef SPX_ARM
+    case K_I8MM: forward_i8mm(s, tid); break;
+    case K_NEON: forward_neon(s, tid); break;
+#endif
     default: forward_scalar(s, tid); break;
     }
 }
@@ -527,6 +574,10 @@ static void matmul_job_fn(void *a_, int tid) {
 #ifdef SPX_X86
     case K_AVX512: op_matmul_avx512(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
     case K_AVX2: op_matmul_avx2(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+#endif
+#ifdef SPX_ARM
+    case K_I8MM: op_matmul_i8mm(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    case K_NEON: op_matmul_neon(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
 #endif
     default: op_matmul_scalar(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
     }
