@@ -82,8 +82,10 @@ class ModelConfig:
                 f"model field 'vocab_size'={self.vocab_size} must be a multiple of 128 and of mp={self.mp}; "
                 f"use {padded_vocab(self.vocab_size, self.mp)}"
             )
-        if not self.norm_eps > 0 or not self.rope_theta > 0 or not self.init_std > 0:
-            raise SpectraError("model fields 'norm_eps', 'rope_theta' and 'init_std' must be positive")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SpectraError(f"model field '{name}' must be a positive finite number, got {v!r}")
         return self
 
     def replace(self, **kw) -> "ModelConfig":

@@ -124,7 +124,7 @@ def safetensors_header(path: str | Path) -> tuple[dict, int]:
         if not isinstance(h, dict):
             raise SpectraError(f"{where}: header entry is not an object (corrupted file)")
         dt = h.get("dtype")
-        if dt not in ST_DTYPE_BYTES:
+        if not isinstance(dt, str) or dt not in ST_DTYPE_BYTES:
             raise SpectraError(f"{where}: unknown dtype {str(dt)[:20]!r} (corrupted file)")
         shape = h.get("shape")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(s) and 0 <= s < 1 << 40 for s in shape):
@@ -165,6 +165,54 @@ def check_model_limits(fields: dict, source: str) -> None:
             raise SpectraError(f"{source}: model field '{name}' must be a positive integer, got {str(v)[:40]!r}")
         if v > hi:
             raise SpectraError(f"{source}: model field '{name}'={v} exceeds the limit {hi} (docs/security.md, Limits)")
+
+
+# Hugging Face config.json keys -> ModelConfig field (for the limits) or None
+_HF_INT = {"hidden_size": "dim", "intermediate_size": "ffn_dim", "num_attention_heads": "n_heads",
+           "num_hidden_layers": "n_layers", "vocab_size": "vocab_size", "num_key_value_heads": "n_heads",
+           "max_position_embeddings": "max_seq_len", "pretraining_model_parallel": "mp"}
+_HF_NUM = ("rms_norm_eps", "rope_theta", "initializer_range")
+_HF_OBJ = ("rope_scaling", "rope_parameters", "spectra", "quantization_config")
+
+
+def check_hf_config(d: dict, source: str) -> None:
+    """Types and limits of the config.json keys spectra reads (each may be absent; null only where HF allows)."""
+    if not isinstance(d, dict):
+        raise SpectraError(f"{source}: must be a JSON object, got a JSON {type(d).__name__}")
+    for key, fld in _HF_INT.items():
+        if key in d:
+            v = d[key]
+            if not _is_int(v) or v <= 0:
+                raise SpectraError(f"{source}: '{key}' must be a positive integer, got {str(v)[:40]!r}")
+            if v > LIMITS[fld]:
+                raise SpectraError(f"{source}: '{key}'={v} exceeds the limit {LIMITS[fld]} (docs/security.md, Limits)")
+    for key in _HF_NUM:
+        if d.get(key) is not None:
+            json_field(d, key, "num", source)
+    for key in _HF_OBJ:
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise SpectraError(f"{source}: '{key}' must be an object, got {str(d[key])[:40]!r}")
+    for key in ("model_type", "hidden_act", "torch_dtype"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise SpectraError(f"{source}: '{key}' must be a string, got {str(d[key])[:40]!r}")
+    arch = d.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise SpectraError(f"{source}: 'architectures' must be a list of names, got {str(arch)[:60]!r}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = d.get(key)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(_is_int(t) and 0 <= t < LIMITS["vocab_size"] for t in ids):
+            raise SpectraError(f"{source}: '{key}' must be a token id (or a list of them), got {str(v)[:40]!r}")
+    sp = d.get("spectra") or {}
+    if "mp" in sp and not (_is_int(sp["mp"]) and 1 <= sp["mp"] <= LIMITS["mp"]):
+        raise SpectraError(f"{source}: 'spectra.mp' must be an integer in [1, {LIMITS['mp']}], got {str(sp['mp'])[:20]!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        sub = d.get(key) or {}
+        for k in ("rope_type", "type"):
+            if sub.get(k) is not None and not isinstance(sub[k], str):
+                raise SpectraError(f"{source}: '{key}.{k}' must be a string")
+        if sub.get("rope_theta") is not None:
+            json_field(sub, "rope_theta", "num", f"{source}: {key}")
 
 
 def expected_shapes(dim: int, ffn: int, n_layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -311,3 +359,15 @@ def check_positive(value, flag: str, *, zero_ok: bool = False):
     if not _is_int(value) or value < lo:
         raise SpectraError(f"{flag} must be an integer >= {lo}, got {value!r}")
     return value
+
+
+def check_finite_weights(tensors: dict, source: str, what: str = "quantized") -> None:
+    """Every floating tensor finite: NaN/Inf weights would silently give a NaN model (``what``: the operation)."""
+    import torch
+
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                raise SpectraError(f"{source}: tensor '{name}' holds {int(bad.sum())} NaN/Inf values; it cannot be "
+                                   f"{what} (re-export or fix the checkpoint)")
