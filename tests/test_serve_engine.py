@@ -288,3 +288,32 @@ def test_native_batch_engine_is_batch_invariant(models):
             assert np.array_equal(a, b)
     finally:
         e.close()
+
+
+def test_quantlm_and_floatlm_dirs_serve_on_torch(tmp_path, tok):
+    """A packed GPTQ-layout QuantLM (RTN 4-bit here: the same file format) and a FloatLM load behind the same contract."""
+    import dataclasses
+
+    from serve_fixtures import VOCAB
+
+    from spectra.checkpoint import load_model, save_model
+    from spectra.config import get_preset
+    from spectra.model import Transformer
+    from safetensors.torch import load_file
+
+    from spectra.quant.api import load_quantized, quantize_model, save_packed, spec_of
+
+    cfg = dataclasses.replace(get_preset("nano").model, vocab_size=VOCAB)
+    fl = save_model(Transformer(cfg).init_weights(1), tmp_path / "float", "floatlm")
+    model, _ = load_model(fl)
+    qm, qstate, report = quantize_model(model, None, 4, group_size=128, method="rtn")
+    qdir = save_packed(qm, qstate, tmp_path / "q4", spec_of(report))
+    qref, _ = load_quantized(qdir)  # fp16 storage: the reference is what the loader reads back
+    assert any(k.endswith(".qweight") for k in load_file(next(qdir.glob("*.safetensors"))))
+    for d, ref_model in ((fl, model), (qdir, qref)):
+        e = load_batch_engine(d, "auto", max_seqs=2, max_len=32, max_step_tokens=32)
+        assert e.backend == "torch"
+        s = e.acquire()
+        got = e.step([(s, PROMPTS[1])])[0]
+        np.testing.assert_allclose(got, TorchEngine(ref_model, max_len=32).forward(PROMPTS[1]), atol=1e-4)
+        e.release(s)
