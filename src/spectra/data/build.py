@@ -2,10 +2,12 @@
 
 Pipeline: a reader thread parses documents (files / HF streaming / demo corpus),
 assigns each to train or validation by a keyed hash of its text, and hands batches to
-the main thread, which tokenizes them with ``Tokenizer.encode_batch_fast`` (Rust,
-parallel over ``num_workers`` threads, GIL released, so reading overlaps encoding),
-appends EOS after every document and streams ids into bounded shards while hashing
-them. Everything is written into a temporary sibling directory that replaces
+the main thread. Batches are tokenized (``Tokenizer.encode_batch_fast``, EOS after
+every document, split into train/validation ids) by ``num_workers`` worker processes
+(started at the second batch, so a small corpus never pays for them; one worker = an
+encoder thread in this process), and the main thread writes the results in source order
+into bounded shards while hashing them. ``num_partitions``/``partition`` build one slice
+of a many-file source for a job array; :mod:`spectra.data.merge` joins the slices. Everything is written into a temporary sibling directory that replaces
 ``out_dir`` only when complete, under a lock, so an interrupted build leaves the
 previous build intact and no half-written shard is ever listed in a manifest.
 """
@@ -22,6 +24,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -124,6 +127,67 @@ def _parallelism(num_workers: int):
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
+def _encode_batch(tok, docs: list[str], flags: list[bool], eos_id: int, dtype: str) -> tuple:
+    """(per-document lengths incl. EOS, train ids, validation ids, max id) of one batch, ids in ``dtype``."""
+    seqs = [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
+    lens = np.fromiter((len(x) + 1 for x in seqs), np.int64, len(seqs))
+    out, top = [], -1
+    for want in (False, True):
+        sel = [x for x, f in zip(seqs, flags) if f == want]
+        ids = np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in sel), np.int64,
+                          int(sum(len(x) + 1 for x in sel)))
+        if ids.size:
+            top = max(top, int(ids.max()))
+        out.append(ids.astype(dtype) if ids.size and int(ids.max()) <= np.iinfo(dtype).max else ids)
+    return lens, out[0], out[1], top
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(tok_file: str, eos_id: int, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER.update(tok=load_tokenizer(tok_file), eos_id=eos_id, dtype=dtype)
+
+
+def _worker_encode(docs: list[str], flags: list[bool]) -> tuple:
+    return _encode_batch(_WORKER["tok"], docs, flags, _WORKER["eos_id"], _WORKER["dtype"])
+
+
+class _Encoders:
+    """Encodes batches in order: an encoder thread for the first batch, then ``n`` worker processes
+    (spawned, so the reader thread and rayon's threads are never forked)."""
+
+    def __init__(self, n: int, tok, tok_file: Path, eos_id: int, dtype: str, log=None):
+        self.n, self.tok, self.tok_file, self.eos_id, self.dtype = n, tok, tok_file, eos_id, dtype
+        self.log = log or (lambda m: None)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="spectra-encode")
+        self.pool = None
+        self.submitted = 0
+
+    def submit(self, docs, flags):
+        self.submitted += 1
+        if self.n > 1 and self.submitted > 1 and self.pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.n, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                            initargs=(str(self.tok_file), self.eos_id, self.dtype))
+            self.log(f"  tokenizing with {self.n} worker processes")
+        if self.pool is not None:
+            return self.pool.submit(_worker_encode, docs, flags)
+        return self.thread.submit(_encode_batch, self.tok, docs, flags, self.eos_id, self.dtype)
+
+    @property
+    def depth(self) -> int:  # batches in flight: enough to keep every worker busy while one is written
+        return 2 * self.n if self.pool is not None else 1
+
+    def close(self) -> None:
+        self.thread.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _reader(src, seed: int, val_fraction: float, q: queue.Queue, stop: threading.Event, surrogates: list):
     """Producer thread: batches of (docs, is_val flags, utf-8 sizes)."""
 
@@ -216,12 +280,16 @@ def build_dataset(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     wait_lock: bool = True,
+    num_partitions: int = 1,
+    partition: int = 0,
 ) -> Path:
     """Tokenize ``source`` into ``out_dir`` (see module doc and docs/data.md); returns ``out_dir``.
 
     ``source``: a file or directory path, ``"hf:NAME[:CONFIG]"`` or ``"default"``.
     ``tokenizer``: a tokenizer.json (or a directory holding one); ``None`` or
     ``"train-bpe"`` trains a byte-level BPE of ``vocab_size`` on the train split.
+    ``num_workers``: tokenizer processes. ``num_partitions`` > 1: build only slice ``partition``
+    of a many-file source (``spectra data merge`` joins the slices; docs/data.md).
     A re-run with identical inputs returns at once (``force=True`` rebuilds, and may replace
     a directory `spectra data build` did not write). ``wait_lock``: wait for another build of
     ``out_dir`` to finish (False: raise a SpectraError naming it, as the CLI does).
@@ -242,13 +310,23 @@ def build_dataset(
                       hf_split=hf_split, hf_data_files=hf_data_files, hf_revision=hf_revision)
     train_bpe_mode = tokenizer is None or str(tokenizer) == "train-bpe"
     tok_file = None if train_bpe_mode else resolve_tokenizer_file(tokenizer)
+    full_identity = src.identity()  # before slicing: the key a single-machine build of the whole source has
+    part = None
+    if num_partitions != 1 or partition != 0:
+        from spectra.data.merge import partition_source
+
+        part = partition_source(src, num_partitions, partition, trains_bpe=train_bpe_mode, max_docs=max_docs,
+                                max_tokens=max_tokens)
     key_obj = {
-        "format": [mf.FORMAT, mf.VERSION], "source": src.identity(),
+        "format": [mf.FORMAT, mf.VERSION], "source": full_identity,
         "tokenizer": {"train_bpe": vocab_size, "bpe_max_bytes": bpe_max_bytes} if train_bpe_mode else file_hash(tok_file),
         "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "dtype": dtype, "mp": mp,
         "eos_token": eos_token, "max_docs": max_docs, "max_tokens": max_tokens, "on_bad": on_bad,
     }
-    build_key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
+    build_key = full_key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
+    if part is not None:
+        build_key = hashlib.sha256(json.dumps({**key_obj, "partition": [partition, num_partitions]},
+                                              sort_keys=True).encode()).hexdigest()
 
     inputs = [p for p in (source, tok_file) if p is not None and Path(str(p)).exists()]
     # --out policy (docs/security.md): replace only a data directory, an empty one, or with force;
@@ -270,7 +348,9 @@ def build_dataset(
         t0 = time.perf_counter()
         with atomic_dir(out_dir) as tmp, _parallelism(num_workers):
             m = _build_into(tmp, src, tok_file, vocab_size, val_fraction, seed, shard_tokens, dtype, mp, eos_token,
-                            max_tokens, bpe_max_bytes, progress, log)
+                            max_tokens, bpe_max_bytes, progress, log, num_workers)
+            if part is not None:
+                m["partition"] = {**part, "full_build_key": full_key}
             m["build_key"] = build_key
             atomic_write_json(tmp / mf.MANIFEST, m)
             # the content hashes were just computed: stamp them (before the swap; a rename keeps
@@ -283,7 +363,7 @@ def build_dataset(
 
 
 def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed, shard_tokens, dtype, mp,
-                eos_token, max_tokens, bpe_max_bytes, progress, log) -> dict:
+                eos_token, max_tokens, bpe_max_bytes, progress, log, num_workers: int = 1) -> dict:
     from spectra.config import padded_vocab
 
     surrogates = [0]  # lone surrogates replaced (counted once, by whichever pass reads the source last)
@@ -333,60 +413,56 @@ def _build_into(tmp: Path, src: Source, tok_file, vocab_size, val_fraction, seed
     totals = {"tokens": 0, "bytes": 0}
     t0 = time.perf_counter()
 
-    def encode(docs):  # runs in the encoder thread; the Rust part releases the GIL
-        return [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
-
     def consume(fut, flags, sizes) -> bool:
         """Write one encoded batch; True when max_tokens is reached."""
-        seqs = fut.result()
-        lens = np.fromiter((len(x) + 1 for x in seqs), np.int64, len(seqs))
+        lens, train_ids, val_ids, top = fut.result()
+        if top > limit:
+            raise SpectraError(f"token id {top} does not fit {dtype} (max {limit}); "
+                               f"tokenizer {tok_file or 'trained BPE'} needs --dtype uint32")
         done = False
         if max_tokens is not None and totals["tokens"] + int(lens.sum()) >= max_tokens:
             keep = int(np.searchsorted(np.cumsum(lens), max_tokens - totals["tokens"], side="left")) + 1
-            seqs, flags, lens, sizes, done = seqs[:keep], flags[:keep], lens[:keep], sizes[:keep], True
-        for split, want in (("train", False), ("validation", True)):
-            sel = [x for x, f in zip(seqs, flags) if f == want]
-            if not sel:
+            fl = np.asarray(flags[:keep], bool)
+            train_ids, val_ids = train_ids[:int(lens[:keep][~fl].sum())], val_ids[:int(lens[:keep][fl].sum())]
+            flags, lens, sizes, done = flags[:keep], lens[:keep], sizes[:keep], True
+        for split, want, ids in (("train", False, train_ids), ("validation", True, val_ids)):
+            n = sum(1 for f in flags if f == want)
+            if not n:
                 continue
-            ids = np.fromiter(itertools.chain.from_iterable(x + [eos_id] for x in sel), np.int64,
-                              int(sum(len(x) + 1 for x in sel)))
-            if ids.size and int(ids.max()) > limit:
-                raise SpectraError(f"token id {int(ids.max())} does not fit {dtype} (max {limit}); "
-                                   f"tokenizer {tok_file or 'trained BPE'} needs --dtype uint32")
-            writers[split].write(ids.astype(dtype))
-            docs_n[split] += len(sel)
-            bytes_n[split] += sum(n for n, f in zip(sizes, flags) if f == want)
+            writers[split].write(ids)
+            docs_n[split] += n
+            bytes_n[split] += sum(b for b, f in zip(sizes, flags) if f == want)
         totals["tokens"] += int(lens.sum())
         totals["bytes"] += sum(sizes)
-        bar.update(len(seqs))
+        bar.update(len(lens))
         dt = max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix_str(f"{totals['bytes'] / dt / 1e6:.1f} MB/s, {totals['tokens'] / 1e6:.2f}M tokens",
                             refresh=False)
         return done
 
-    # Three stages overlap: reader thread -> encoder thread (batch k+1) -> this thread writes batch k.
+    # Three stages overlap: reader thread -> encoders (the next batches) -> this thread writes in order.
     truncated = False
-    ex = ThreadPoolExecutor(1, thread_name_prefix="spectra-encode")
+    enc = _Encoders(num_workers, tok, tmp / TOKENIZER_FILE, eos_id, dtype, log)
     th.start()
     try:
-        pending = None
-        while True:
+        pending: deque = deque()
+        while not truncated:
             item = q.get()
             if item is None:
                 break
             if isinstance(item, BaseException):
                 raise item
             docs, flags, sizes = item
-            fut = ex.submit(encode, docs)
-            if pending is not None and consume(*pending):
-                truncated, pending = True, None
-                break
-            pending = (fut, flags, sizes)
-        if pending is not None:
-            truncated = consume(*pending)
+            pending.append((enc.submit(docs, flags), flags, sizes))
+            while len(pending) > enc.depth:
+                if consume(*pending.popleft()):
+                    truncated = True
+                    break
+        while pending and not truncated:
+            truncated = consume(*pending.popleft())
     finally:
         stop.set()
-        ex.shutdown(wait=True, cancel_futures=True)
+        enc.close()
         bar.close()
         th.join(timeout=5)
     if docs_n["train"] + docs_n["validation"] == 0:
