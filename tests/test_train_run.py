@@ -146,7 +146,7 @@ def test_bad_inputs(data_dir, tmp_path):
 def test_disk_full_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
     run = train(cfg_for(data_dir, tmp_path / "r", **{**TINY, "schedule.steps": 2}))
     before = list_checkpoints(run)
-    import spectra.checkpoint as sc
+    import spectra.store.modeldir as sc  # where model directories are written
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

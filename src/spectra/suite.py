@@ -121,13 +121,11 @@ def steps_of(plan: SuitePlan) -> int:
 # ----------------------------------------------------------------------------- estimates
 
 def train_flops_per_token(size: str, seq_len: int) -> float:
-    """6 N (weights incl. head) + attention (6 * 2 * layers * seq * dim / 2, causal)."""
+    """Training FLOPs per token of a preset (the one formula: :func:`spectra.train.metrics.flops_per_token`)."""
     from spectra.config import get_preset
-    from spectra.model import build_meta, param_counts
+    from spectra.train.metrics import flops_per_token
 
-    cfg = get_preset(size).model
-    c = param_counts(build_meta(cfg))
-    return 6.0 * (c["non_embedding"]) + 6.0 * cfg.n_layers * seq_len * cfg.dim
+    return flops_per_token(get_preset(size).model, seq_len)
 
 
 def measured_cpu_flops(threads: int | None = None) -> float:
@@ -413,24 +411,26 @@ class Suite:
     def quantize_one(self, size: str) -> dict:
         import torch
 
-        from spectra.checkpoint import load_model
         from spectra.quant import calibration_tokens, quantize_model, save_quantized
         from spectra.quant.api import spec_of
+        from spectra.store import find_tokenizer, load_model, quantlm_name
 
         p = self.plan
         src = self.final_checkpoint("floatlm", size)
         model, _ = load_model(src)
-        tok = src / "tokenizer.json"
+        tok = find_tokenizer(src)
         out = {}
         for seed in p.quant_seeds:
             calib = calibration_tokens(self.data_dir, p.calib_samples, p.calib_seqlen, seed)
             for bits in p.quant_bits:
-                name = f"q{bits}-g{p.group_size}-s{seed}"
+                name = quantlm_name(bits, p.group_size, p.quant_method, seed)
+                if name in out:  # RTN takes no calibration seed: one QuantLM per bit width
+                    continue
                 torch.manual_seed(seed)
                 qm, qstate, report = quantize_model(model, calib, bits, p.group_size, p.quant_method)
                 paths = save_quantized(qm, qstate, self.out / "quant" / size / name, spec_of(report),
                                        meta={"seed": seed, "source": str(src), "size": size},
-                                       tokenizer=tok if tok.exists() else None, report=report)
+                                       tokenizer=tok, report=report)
                 out[name] = {k: str(v) for k, v in paths.items()}
         return out
 
@@ -444,6 +444,8 @@ class Suite:
 
     def final_models(self) -> list[tuple[str, Path, str, str]]:
         """(id, path, family, size) for every final model: FloatLM, QuantLMs (every seed), TriLM."""
+        from spectra.store import parse_quantlm_name
+
         d = self.done()
         rows = []
         for size in self.plan.sizes:
@@ -453,8 +455,8 @@ class Suite:
                     rows.append((f"{fam}-{size}", Path(d[key]["result"]["final"]), fam, size))
             q = d.get(f"quantize/{size}", {}).get("result", {})
             for name, paths in q.items():
-                bits = name.split("-")[0]
-                rows.append((f"{bits}-{size}-{name.split('-')[-1]}", Path(paths["unpacked"]), bits, size))
+                qn = parse_quantlm_name(name)
+                rows.append((f"{qn.family}-{size}-{qn.variant}", Path(paths["unpacked"]), qn.family, size))
         return rows
 
     def task_data(self) -> Path | None:
@@ -495,22 +497,22 @@ class Suite:
     def eval_packed(self, size: str) -> dict:
         """Validation loss of the packed TriLM through the native engine (same windows)."""
         from spectra.eval import evaluate
+        from spectra.store import TOKENIZER_FILE
 
         path = Path(self.done()[f"pack/{size}"]["result"]["packed"])
         out = self.out / "eval" / f"trilm-{size}-packed.json"
         res = evaluate(str(path), tasks=None, out=out, val_data=str(self.data_dir), val_seq_len=self.plan.seq_len,
                        val_windows=self.plan.val_windows, progress=self.progress)
-        nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != "tokenizer.json")
+        nbytes = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name != TOKENIZER_FILE)
         return {"results": str(out), "val_loss": res.get("val_loss"), "bytes": nbytes}
 
     def eval_checkpoints(self, fam: str, size: str) -> dict:
         """Validation loss of every permanent intermediate checkpoint (same windows as the finals)."""
-        from spectra.checkpoint import load_model, read_config
         from spectra.eval import validation_loss
-        from spectra.train import list_checkpoints
+        from spectra.store import checkpoints, load_model, read_config
 
         rows = []
-        for step, path in list_checkpoints(self.run_dir(fam, size)):
+        for step, path in checkpoints(self.run_dir(fam, size)):
             meta = read_config(path).get("spectra", {})
             model, _ = load_model(path)
             vl = validation_loss(model, str(self.data_dir), self.plan.seq_len, self.plan.val_windows)
@@ -546,9 +548,10 @@ class Suite:
 
     def write_report(self) -> Path:
         from spectra.report import write_report
+        from spectra.store import write_suite_index
 
         recs = self.records()
-        atomic_write_json(self.out / "models.json", {"plan": self.plan.to_dict(), "models": [r.to_dict() for r in recs]})
+        write_suite_index(self.out, self.plan.to_dict(), [r.to_dict() for r in recs])
         p = self.plan
         uni = (self.done().get("data", {}).get("result", {}) or {}).get("unigram_loss") or unigram_loss(self.data_dir)
         pre = (f"Suite `{p.preset}`: sizes {', '.join(p.sizes)}; {p.tokens:,} tokens per model from `{p.data}`; "

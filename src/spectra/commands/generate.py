@@ -16,7 +16,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token")
-    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
+    from spectra.infer.backends import BACKENDS, CHOICES  # the backend table (no numpy/torch at import)
+
+    p.add_argument("--backend", default="auto", choices=CHOICES,
+                   help="auto (default: the first that fits and runs here); " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avx512"],
                    help="native code path (default: $SPECTRA_KERNEL or the best the CPU supports)")
     p.add_argument("--act", default="int8x2", choices=["int8x2", "int8"],
@@ -31,25 +34,16 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
     import sys
-    from pathlib import Path
 
-    from spectra.checkpoint import read_config
     from spectra.errors import SpectraError
-    from spectra.infer.engine import load_engine
-    from spectra.infer.generate import generate, load_tokenizer
-    from spectra.infer.packed_model import PACKED_JSON, is_packed_dir
+    from spectra.infer.backends import open_engine
+    from spectra.infer.generate import generate
     from spectra.infer.sampling import SamplingConfig
+    from spectra.store import load, resolve
 
-    path = Path(args.checkpoint)
-    if not path.exists():
-        raise SpectraError(f"'{path}' does not exist")
-    if is_packed_dir(path):
-        meta = json.loads((path / PACKED_JSON).read_text())
-        eos, model_max = meta.get("eos_token_id"), int(meta["model"]["max_seq_len"])
-    else:
-        d = read_config(path)
-        eos, model_max = d.get("eos_token_id"), int(d.get("max_position_embeddings", 2048))
-    tok = load_tokenizer(path)
+    path = resolve(args.checkpoint)
+    eos, model_max = load(path, "meta").get("eos_token_id"), int(load(path, "config").max_seq_len)
+    tok = load(path, "tokenizer", required=False)
     if args.prompt is not None:
         if tok is None:
             raise SpectraError(f"{path} has no tokenizer.json; use --prompt-ids")
@@ -62,7 +56,7 @@ def run(args) -> int:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()
     # KV cache sized for this request (not the model's full context) unless --max-len says otherwise
     max_len = args.max_len or min(model_max, len(ids) + max(args.max_new_tokens, 0))
-    engine = load_engine(path, args.backend, max_len=max_len, n_threads=args.threads, kernel=args.kernel,
+    engine = open_engine(path, args.backend, max_len=max_len, n_threads=args.threads, kernel=args.kernel,
                          verify=not args.no_verify, act=args.act)
     try:
         out = (lambda s: None) if args.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from spectra.store.dtypes import DTYPE_NAMES
+
     p = sub.add_parser("import", help="Hugging Face Llama directory (e.g. a SpectraSuite release) -> spectra checkpoint",
                        description="Import any Llama-architecture HF directory (safetensors, sharded or not, or .bin "
                                    "loaded with weights_only=True). A TriLM's ternary states and per-shard gammas are "
@@ -16,7 +18,7 @@ def register(sub) -> None:
                    help="auto: from config (pretraining_model_parallel / spectra.family) or by counting magnitudes")
     p.add_argument("--mp", type=int, default=None,
                    help="assert the TriLM model-parallel degree (default: config's pretraining_model_parallel, else inferred)")
-    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="keep", choices=["keep", *DTYPE_NAMES],
                    help="dtype of the written weights (default: keep the source's)")
     p.set_defaults(func=run_import)
 
@@ -27,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("ckpt", metavar="CKPT")
     p.add_argument("--to", required=True, choices=["hf", "gguf"])
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
-    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES,
                    help="hf: weight dtype (default float16, as the SpectraSuite release)")
     p.add_argument("--type", default=None, choices=["tq2_0", "tq1_0", "q8_0", "f16", "f32"],
                    help="gguf: type of the block matrices (default: tq2_0 for a TriLM, f16 otherwise)")

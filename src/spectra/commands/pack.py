@@ -4,14 +4,17 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    p = sub.add_parser("pack", help="pack a TriLM checkpoint into 2-bit (t2) or base-3 (t1) ternary weights",
+    from spectra.infer.formats import FORMATS, HEAD_FORMATS  # the tables (no numpy at import)
+
+    p = sub.add_parser("pack", help="pack a TriLM checkpoint into ternary weights (" + ", ".join(FORMATS) + ")",
                        description="Pack a TriLM checkpoint. The packed model dequantizes exactly to the "
                                    "checkpoint's gamma*W_hat (per-shard gamma kept in fp32); embeddings stay f16; "
                                    "the head is f16 or int8 with per-row scales. Layout: docs/packed-format.md.")
     p.add_argument("checkpoint", help="TriLM model directory (spectra or Hugging Face layout)")
-    p.add_argument("--format", dest="fmt", default="t2", choices=["t2", "t1"],
-                   help="t2: 2 bits/weight (fastest); t1: 5 trits/byte, 1.625 bits/weight (smallest)")
-    p.add_argument("--head", default="f16", choices=["f16", "q8"], help="output head precision (default f16)")
+    p.add_argument("--format", dest="fmt", default="t2", choices=list(FORMATS),
+                   help="; ".join(f"{f.name}: {f.help}" for f in FORMATS.values()))
+    p.add_argument("--head", default="f16", choices=list(HEAD_FORMATS),
+                   help="output head precision (default f16): " + "; ".join(f"{h.name}: {h.help}" for h in HEAD_FORMATS.values()))
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the result to check exactness")
     p.set_defaults(func=run)
@@ -20,7 +23,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from spectra.checkpoint import from_hf_names, read_weights
+    from spectra.store import from_hf_names, read_weights
     from spectra.infer.packed_model import PackedModel, write_packed
 
     meta = write_packed(args.checkpoint, args.out, fmt=args.fmt, head=args.head)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from spectra.store.dtypes import DTYPE_NAMES
+
     p = sub.add_parser(
         "quantize", help="GPTQ/RTN post-training quantization of a FloatLM into QuantLMs",
         description="Quantize every linear layer inside the blocks of a FloatLM (embedding and head stay 16-bit). "
@@ -25,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--static-groups", action="store_true", help="group scales from the original weights")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="take all Hessians of a block from its float inputs (default: q/k/v, o, gate/up, down in turn)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float16",
                    help="dtype of the unpacked weights and unquantized tensors (default float16, as the release)")
     p.add_argument("--no-packed", dest="packed", action="store_false", help="write only the unpacked checkpoints")
     p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
@@ -49,11 +51,6 @@ def _int_list(s: str, flag: str) -> list[int]:
     return list(dict.fromkeys(vals))
 
 
-def output_name(bits: int, group_size: int, method: str, seed: int | None) -> str:
-    g = f"g{group_size}" if group_size > 0 else "grow"
-    return f"q{bits}-{g}-" + ("rtn" if method == "rtn" else f"s{seed}")
-
-
 def run(args) -> int:
     import json
     import time
@@ -61,22 +58,19 @@ def run(args) -> int:
 
     import torch
 
-    from spectra.checkpoint import _DTYPES, load_model, read_config
     from spectra.errors import SpectraError
     from spectra.fsutil import atomic_write_json
     from spectra.quant import QuantSpec, calibration_tokens, quantize_model, refuse_non_float, save_quantized
+    from spectra.store import find_tokenizer, load_model, quantlm_name, read_model_config, torch_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
     bits_list = _int_list(args.bits, "--bits")
     seeds = _int_list(args.seeds, "--seeds") if args.method == "gptq" else [None]
     src = Path(args.checkpoint)
-    d = read_config(src)
+    cfg, d = read_model_config(src)
     refuse_non_float(config=d, source=str(src))
     # Validate everything before the long work: bits, group size vs shapes, calibration.
-    from spectra.checkpoint import model_config_from_hf
-
-    cfg = model_config_from_hf(d, str(src / "config.json"))
     dims = {"q/k/v/o/gate/up (dim)": cfg.dim, "down_proj (ffn_dim)": cfg.ffn_dim}
     specs = [QuantSpec(b, args.group_size, args.method, args.act_order, args.static_groups, args.damp, args.blocksize,
                        args.true_sequential).validate(dims) for b in bits_list]
@@ -94,15 +88,15 @@ def run(args) -> int:
 
     model, _ = load_model(src, dtype=torch.float32)
     refuse_non_float(model, source=str(src))
-    tokenizer = src / "tokenizer.json" if (src / "tokenizer.json").exists() else None
+    tokenizer = find_tokenizer(src)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "quantize_log.jsonl"
-    dtype = _DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     results = []
     for spec in specs:
         for seed in seeds:
-            name = output_name(spec.bits, spec.group_size, spec.method, seed)
+            name = quantlm_name(spec.bits, spec.group_size, spec.method, seed)
             print(f"[quantize] {name}: {spec.method} {spec.bits}-bit, group {spec.group_size}"
                   + (f", calibration {args.nsamples}x{args.seqlen} seed {seed}" if seed is not None else ""), flush=True)
 

@@ -1,4 +1,4 @@
-"""Tokenizers: load any Hugging Face ``tokenizer.json`` or train a byte-level BPE.
+"""Tokenizers: train a byte-level BPE, find the end-of-document token (loading is :mod:`spectra.store.tokenizer`).
 
 The GPT-NeoX-20B tokenizer (Spectra's) is an ordinary ``tokenizer.json``. For small
 CPU runs we train a byte-level BPE (GPT-2 style pre-tokenization, every byte in the
@@ -13,30 +13,14 @@ from pathlib import Path
 from typing import Iterable
 
 from spectra.errors import SpectraError
+from spectra.store.tokenizer import TOKENIZER_FILE, find_tokenizer, load_tokenizer  # noqa: F401  (one lookup, in store)
 
-TOKENIZER_FILE = "tokenizer.json"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[SEP]")
 
 
 def resolve_tokenizer_file(path_or_dir) -> Path:
-    p = Path(path_or_dir)
-    if p.is_dir():
-        p = p / TOKENIZER_FILE
-    if not p.is_file():
-        raise SpectraError(f"tokenizer file not found: {p} (give a tokenizer.json file or a directory that holds one)")
-    return p
-
-
-def load_tokenizer(path_or_dir):
-    """A ``tokenizers.Tokenizer`` from a tokenizer.json file or a directory containing one
-    (a data directory, a checkpoint directory, a HF model snapshot)."""
-    from tokenizers import Tokenizer
-
-    p = resolve_tokenizer_file(path_or_dir)
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON / unknown model
-        raise SpectraError(f"cannot load tokenizer {p}: {e}") from None
+    """The tokenizer.json of a file or a directory holding one (a data directory, a checkpoint, a HF snapshot)."""
+    return find_tokenizer(path_or_dir, required=True)
 
 
 def file_hash(path) -> str:

@@ -57,14 +57,16 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
     from spectra.eval import tasks as T
     from torch import nn
 
-    from spectra.checkpoint import read_config
     from spectra.errors import SpectraError
     from spectra.eval.loading import describe
+    from spectra.store import resolve
+    from spectra.store.loader import usable_kind
 
     if task_data is not None:
         T.offline_env()
-    if not isinstance(ckpt, nn.Module) and not (Path(ckpt) / "packed.json").is_file():
-        read_config(ckpt)  # a clear error for a path that is not a model directory, before any work
+    if not isinstance(ckpt, nn.Module):
+        ckpt = resolve(ckpt)  # a local path, or a Hub id looked up (or downloaded) once, here
+        usable_kind(ckpt)  # a clear error for a path that is not a model, before any work
     lm_res, names, fps, skipped, notes = None, [], {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="spectra-tasks-") as tmp:
         tm = None

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from spectra.errors import SpectraError
 from spectra.infer.sampling import Sampler, SamplingConfig
+from spectra.store.tokenizer import load_tokenizer  # noqa: F401  (the one tokenizer loader; generate's callers use it)
 
 
 @dataclass
@@ -33,20 +33,6 @@ class GenerationResult:
         return (f"prefill {self.prompt_tokens} tokens in {self.prefill_s:.3f}s ({self.prefill_tps:.1f} tok/s); "
                 f"decode {self.decode_steps} tokens in {self.decode_s:.3f}s ({self.decode_tps:.1f} tok/s); "
                 f"stop: {self.stop_reason}")
-
-
-def load_tokenizer(path: str | Path | None):
-    """tokenizers.Tokenizer from a model directory (tokenizer.json) or file; None if absent."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    if not p.exists():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(p))
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -27,7 +27,7 @@ from spectra.config import LINEAR_NAMES, ModelConfig
 from spectra.errors import SpectraError
 from spectra.infer import packing
 
-PACKED_JSON = "packed.json"
+from spectra.store.kinds import PACKED_JSON  # noqa: E402  (store decides what a path is)
 WEIGHTS = "model.safetensors"
 FORMAT_NAME = "spectra-packed-ternary"
 VERSION = 1
@@ -45,7 +45,9 @@ def linear_names(cfg: ModelConfig) -> list[str]:
 
 
 def is_packed_dir(path: str | Path) -> bool:
-    return (Path(path) / PACKED_JSON).is_file()
+    from spectra.store.kinds import Kind, detect
+
+    return detect(path) is Kind.PACKED_TRILM
 
 
 @dataclass

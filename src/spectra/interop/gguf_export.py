@@ -136,6 +136,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     from spectra.interop.gguf_tokenizer import add_vocab, load_vocab
     from spectra.interop.hf import convert
     from spectra.ternary import dequantize, recover_ternary, split_of
+    from spectra.store.tokenizer import TOKENIZER_FILE, find_tokenizer
 
     ckpt, out = Path(ckpt), Path(out)
     conv = convert(ckpt)
@@ -152,10 +153,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, qtype: str | None = None, 
     for flag, v in (("--head-type", head_type), ("--embed-type", embed_type)):
         if v not in HEAD_TYPES:
             raise SpectraError(f"unknown {flag} '{v}'; allowed: auto, {', '.join(HEAD_TYPES)}")
-    tok_path = Path(tokenizer) if tokenizer else ckpt / "tokenizer.json"
-    if not tok_path.exists():
-        raise SpectraError(f"no tokenizer: '{tok_path}' does not exist; pass --tokenizer PATH/tokenizer.json "
-                           "(llama.cpp needs the vocabulary inside the GGUF file)")
+    tok_path = find_tokenizer(tokenizer or ckpt)
+    if tok_path is None:
+        raise SpectraError(f"no tokenizer: '{Path(tokenizer) if tokenizer else ckpt / TOKENIZER_FILE}' does not exist; "
+                           "pass --tokenizer PATH/tokenizer.json (llama.cpp needs the vocabulary inside the GGUF file)")
     vocab = load_vocab(tok_path, cfg.vocab_size)
     if out.suffix != ".gguf":
         raise SpectraError(f"GGUF output '{out}' should end in .gguf")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from spectra.checkpoint import (_DTYPES, family_of, from_hf_names, model_config_from_hf, read_config,
-                                read_weights, save_model)
+from spectra.store import (DTYPE_NAMES, family_of, from_hf_names, model_config_from_hf, read_config, read_weights,
+                           save_model, torch_dtype)
 from spectra.config import ModelConfig
 from spectra.errors import SpectraError
 from spectra.interop.layout import MAX_MP, MatrixLayout, analyse, distinct_magnitudes, is_block_linear, model_mp
@@ -146,9 +146,9 @@ def convert(src: str | Path, family: str = "auto", mp: int | None = None, max_mp
 def _dtype(name: str, default: torch.dtype) -> torch.dtype:
     if name in (None, "keep"):
         return default
-    if name not in _DTYPES:
-        raise SpectraError(f"unknown dtype '{name}'; allowed: keep, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise SpectraError(f"unknown dtype '{name}'; allowed: keep, {', '.join(DTYPE_NAMES)}")
+    return torch_dtype(name)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

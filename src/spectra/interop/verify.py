@@ -56,7 +56,7 @@ class Report:
 
 def verify_dir(path: str | Path, mp: int | None = None, max_mp: int = MAX_MP) -> Report:
     """Check every q/k/v/o/gate/up/down matrix of a model directory (ours or HF)."""
-    from spectra.checkpoint import from_hf_names, read_config, read_weights
+    from spectra.store import from_hf_names, read_config, read_weights
 
     path = Path(path)
     d = read_config(path)

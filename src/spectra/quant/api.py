@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ REPORT_FILE = "quant_report.json"
 def refuse_non_float(model=None, config: dict | None = None, source: str = "model") -> None:
     """QuantLMs are made from FloatLMs only: a TriLM/BiLM is already ternary."""
     if config is not None:
-        from spectra.checkpoint import family_of
+        from spectra.store import family_of
 
         fam = family_of(config)
         if fam in ("trilm", "bilm"):
@@ -82,8 +81,9 @@ def save_packed(model, qstate: dict[str, QuantResult], out_dir: str | Path, spec
                 dtype: torch.dtype = torch.float16, meta: dict | None = None, tokenizer: str | Path | None = None,
                 checkpoint_format: str = "gptq", report: dict | None = None) -> Path:
     """Write the AutoGPTQ/GPTQModel-layout directory (atomically)."""
-    from spectra.checkpoint import copy_tokenizer, hf_config
     from spectra.fsutil import atomic_dir, atomic_write_json, save_safetensors
+    from spectra.store.hfconfig import CONFIG_FILE, GENERATION_CONFIG, generation_config, hf_config
+    from spectra.store.modeldir import copy_tokenizer
 
     tensors: dict[str, torch.Tensor] = {}
     for name, p in model.state_dict().items():
@@ -101,9 +101,9 @@ def save_packed(model, qstate: dict[str, QuantResult], out_dir: str | Path, spec
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         save_safetensors(tensors, tmp / PACKED_WEIGHTS, metadata={"format": "pt", "quant_method": "gptq"})
-        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / CONFIG_FILE, cfg)
         atomic_write_json(tmp / QUANTIZE_CONFIG, qc)
-        atomic_write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0, "_from_model_config": True})
+        atomic_write_json(tmp / GENERATION_CONFIG, generation_config())
         if report is not None:
             atomic_write_json(tmp / REPORT_FILE, report)
         copy_tokenizer(tokenizer, tmp, model.cfg.max_seq_len)
@@ -119,7 +119,7 @@ def save_quantized(model, qstate: dict[str, QuantResult], out_dir: str | Path, s
     ``dtype`` (fp16 by default, as the Spectra release), i.e. exactly what the packed
     checkpoint dequantizes to.
     """
-    from spectra.checkpoint import save_model
+    from spectra.store import save_model
     from spectra.fsutil import atomic_write_json
 
     meta = {"bits": spec.bits, "group_size": spec.group_size, "method": spec.method, **(meta or {})}
@@ -143,19 +143,9 @@ def save_quantized(model, qstate: dict[str, QuantResult], out_dir: str | Path, s
 
 def is_packed_gptq(path: str | Path) -> bool:
     """True for a directory holding a packed GPTQ checkpoint (ours or AutoGPTQ/GPTQModel's)."""
-    path = Path(path)
-    if not path.is_dir():
-        return False
-    if (path / QUANTIZE_CONFIG).exists():
-        return True
-    cfg = path / "config.json"
-    if not cfg.exists():
-        return False
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return qc.get("quant_method") == "gptq"
+    from spectra.store.kinds import Kind, detect
+
+    return detect(path) is Kind.QUANTLM
 
 
 def read_packed_state(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -164,13 +154,14 @@ def read_packed_state(path: str | Path, dtype: torch.dtype | None = None) -> tup
     Linears are dequantized in the checkpoint's stored dtype (``torch_dtype``), then cast
     to ``dtype`` -- so the result equals reading the matching unpacked checkpoint.
     """
-    from spectra.checkpoint import _DTYPES, read_config, read_weights
+    from spectra.store import DTYPE_NAMES, read_config, read_weights, torch_dtype
 
     path = Path(path)
     d = read_config(path)
     qc = read_quantize_config(path)
     bits, fmt = int(qc["bits"]), qc.get("checkpoint_format", "gptq")
-    stored = _DTYPES.get(str(d.get("torch_dtype", "float16")), torch.float16)
+    name = str(d.get("torch_dtype", "float16"))
+    stored = torch_dtype(name) if name in DTYPE_NAMES else torch.float16
     raw = read_weights(path)
     out: dict[str, torch.Tensor] = {}
     prefixes = sorted({k.removesuffix(".qweight") for k in raw if k.endswith(".qweight")})
@@ -188,22 +179,15 @@ def read_packed_state(path: str | Path, dtype: torch.dtype | None = None) -> tup
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a QuantLM (packed: dequantized on load; unpacked: a plain model dir) -> (Transformer, config dict)."""
-    from spectra.checkpoint import load_model, load_state, model_config_from_hf
-    from spectra.model import Transformer, rope_tables
+    from spectra.store import build_model, load_model, model_config_from_hf
+    from spectra.store.hfconfig import CONFIG_FILE
 
     path = Path(path)
     if not is_packed_gptq(path):
         return load_model(path, dtype=dtype, device=device)
     sd, d = read_packed_state(path, dtype)
-    cfg = model_config_from_hf(d, str(path / "config.json"))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=device)
-    load_state(model, sd, str(path))
-    model = model.to(dtype)
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device)
-    model.eval()
-    return model, d
+    cfg = model_config_from_hf(d, str(path / CONFIG_FILE))
+    return build_model(cfg, sd, dtype=dtype, device=device, source=str(path)), d
 
 
 def calibration_tokens(data_dir: str | Path, nsamples: int, seqlen: int, seed: int, split: str = "train") -> torch.Tensor:

@@ -41,7 +41,7 @@ from spectra.errors import SpectraError
 from spectra.quant.rtn import SUPPORTED_BITS, QuantResult, check_bits, dequantize, zero_point
 
 PACKED_WEIGHTS = "model.safetensors"
-QUANTIZE_CONFIG = "quantize_config.json"
+from spectra.store.kinds import QUANTIZE_CONFIG  # noqa: E402,F401  (the side file that marks a packed QuantLM)
 AUTOGPTQ_BITS = (2, 3, 4, 8)  # what AutoGPTQ/GPTQModel/transformers kernels accept
 FORMATS = ("gptq", "gptq_v2")
 

@@ -3,8 +3,8 @@
 Everything is normalised into :class:`ModelRecord` so the tables and plots never
 care where a number came from. Sources:
 
-* a suite directory (``suite.json`` + ``models.json`` index written by ``spectra suite``);
-* a training run directory (``metrics.jsonl`` + ``checkpoints/``);
+* a suite directory (``suite.json`` + the ``models.json`` index of :mod:`spectra.store.runs`);
+* a training run directory (layout: :mod:`spectra.store.runs`);
 * an eval results JSON written by ``spectra eval`` (``{"model", "family", "tasks", ...}``).
 """
 
@@ -55,26 +55,12 @@ class ModelRecord:
         return cls(**d)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if not path.exists():
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from an interrupted run
-    return rows
+def curves_from_metrics(run: Path) -> tuple[dict, dict]:
+    """(train curve, validation curve) from a training run's metrics."""
+    from spectra.store import read_metrics
 
-
-def curves_from_metrics(path: Path) -> tuple[dict, dict]:
-    """(train curve, validation curve) from a training run's metrics.jsonl."""
     train_t, train_l, val_t, val_l = [], [], [], []
-    for r in read_jsonl(path):
+    for r in read_metrics(run):
         tok = r.get("tokens")
         if tok is None:
             continue
@@ -97,10 +83,10 @@ def curves_from_metrics(path: Path) -> tuple[dict, dict]:
 def model_sizes(model_dir: Path, family: str) -> tuple[int, int, float]:
     """(params, non-embedding params, size in bits) of a model directory, from its config only."""
     from spectra.sizes import size_bits
-    from spectra.checkpoint import model_config_from_hf, read_config
     from spectra.model import build_meta, param_counts
+    from spectra.store import read_model_config
 
-    cfg = model_config_from_hf(read_config(model_dir), str(model_dir))
+    cfg, _ = read_model_config(model_dir)
     c = param_counts(build_meta(cfg))
     return c["total"], c["non_embedding"], size_bits(c, family, cfg)
 
@@ -177,14 +163,15 @@ def average_seeds(recs: list[ModelRecord]) -> list[ModelRecord]:
 
 
 def load_records(paths: list[str | Path]) -> list[ModelRecord]:
+    from spectra.store import is_run_dir, is_suite_dir, read_suite_index
+
     recs: list[ModelRecord] = []
     for p in map(Path, paths):
         if not p.exists():
             raise SpectraError(f"'{p}' does not exist")
-        if (p / "models.json").exists():
-            data = json.loads((p / "models.json").read_text())
-            recs += [ModelRecord.from_dict(d) for d in data["models"]]
-        elif (p / "metrics.jsonl").exists():
+        if is_suite_dir(p):
+            recs += [ModelRecord.from_dict(d) for d in read_suite_index(p)]
+        elif is_run_dir(p):
             recs.append(record_from_run(p))
         elif p.is_file() and p.suffix == ".json":
             res = json.loads(p.read_text())
@@ -203,13 +190,12 @@ def load_records(paths: list[str | Path]) -> list[ModelRecord]:
 
 def record_from_run(run: Path, family: str | None = None, size: str | None = None) -> ModelRecord:
     """A record from a training run directory (curves + the final checkpoint's shape)."""
-    curve, val_curve = curves_from_metrics(run / "metrics.jsonl")
-    ckpts = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else []
-    final = run / "final" if (run / "final" / "config.json").exists() else (ckpts[-1] if ckpts else None)
+    from spectra.store import final_model, read_config
+
+    curve, val_curve = curves_from_metrics(run)
+    final = final_model(run)  # RUN/final, else the newest *complete* checkpoint
     meta = {}
     if final is not None:
-        from spectra.checkpoint import read_config
-
         meta = read_config(final).get("spectra", {})
     family = family or meta.get("family", "floatlm")
     rec = ModelRecord(id=run.name, family=family, size=size or str(meta.get("preset", run.name)),

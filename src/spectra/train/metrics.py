@@ -1,10 +1,14 @@
 """Step metrics: JSONL (+ TensorBoard when installed), FLOPs per token and MFU.
 
-FLOPs per trained token (PaLM appendix B): ``6 N + 12 L d T`` where N is the
-non-embedding parameter count (block matrices, norms and the output head: the
-input embedding is a lookup, not a matmul), L layers, d the model width and T the
-sequence length (the attention score and value matmuls, forward + backward).
-MFU = achieved FLOP/s / peak FLOP/s of the devices in use.
+FLOPs per trained token (PaLM appendix B; Chinchilla counts the same way):
+``6 N + 12 L d T`` where N is the non-embedding parameter count (block matrices,
+norms and the output head: the input embedding is a lookup, not a matmul), L layers,
+d the model width and T the sequence length. The attention term is the score
+(QK^T) and value (AV) matmuls, 2 x 2 L d T FLOPs forward, x3 with the backward pass,
+counted over the *full* T x T matrix even though causal masking makes half of it
+zero: that is the convention MFU figures in the literature use, so ours compare with
+theirs. :func:`flops_per_token` is the only FLOPs formula in the package (the suite's
+time estimates call it too). MFU = achieved FLOP/s / peak FLOP/s of the devices in use.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+from spectra.store.kinds import METRICS_FILE  # the run-directory layout lives in spectra.store
 
 # Dense peak FLOP/s per device for the precision the trainer runs in (vendor sheets, no sparsity).
 GPU_PEAK_FLOPS = {
@@ -45,6 +51,7 @@ def memory_stats(device_type: str) -> dict:
 
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token, ``6 N + 12 L d T`` (see the module docstring)."""
     d, L, f, v = model_cfg.dim, model_cfg.n_layers, model_cfg.ffn_dim, model_cfg.vocab_size
     n_non_embedding = L * (4 * d * d + 3 * d * f + 2 * d) + d + d * v  # blocks + final norm + head
     return 6.0 * n_non_embedding + 12.0 * L * d * seq_len
@@ -97,7 +104,7 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        self.f = open(run_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered
+        self.f = open(run_dir / METRICS_FILE, "a", buffering=1)  # line-buffered
         if tensorboard is not False:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -144,7 +151,7 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
+    p = Path(run_dir) / METRICS_FILE
     out = []
     if p.exists():
         for line in p.read_text().splitlines():
