@@ -131,14 +131,14 @@ def test_import_registers_spectra_model():
 
 
 @pytest.mark.slow  # lm-eval's CLI indexes all of its tasks: ~30 s on a loaded 2-core machine
-def test_python_m_spectra_lm_eval_registers_model(tiny, shared, tmp_path):
+def test_python_m_spectra_harness_registers_model(tiny, shared, tmp_path):
     import subprocess
     import sys
 
     inc = tmp_path / "tasks"
     T.write_local_tasks(["arc_easy"], shared("eval"), inc)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    p = subprocess.run([sys.executable, "-m", "spectra.lm_eval", "--model", "spectra", "--model_args",
+    p = subprocess.run([sys.executable, "-m", "spectra.harness", "--model", "spectra", "--model_args",
                         f"pretrained={tiny},threads=1", "--tasks", "arc_easy", "--limit", "3", "--include_path",
                         str(inc), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Registered with lm-eval's registry when ``spectra.eval`` is imported, so both
 ``lm_eval.simple_evaluate(model="spectra", model_args={"pretrained": DIR})`` and
-``python -m spectra.lm_eval --model spectra --model_args pretrained=DIR ...`` work.
+``python -m spectra.harness --model spectra --model_args pretrained=DIR ...`` work.
 
 Semantics mirror lm-eval's own ``hf`` model (``lm_eval/models/huggingface.py``):
 the same tokenizer (loaded with transformers from the model directory), the same
