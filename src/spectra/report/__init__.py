@@ -2,7 +2,8 @@
 
 ``write_report(paths, out_dir)`` gathers :class:`ModelRecord` s (see collect.py),
 fits L(N) = A/N^alpha + eps per family, draws the figures and writes
-``report.md``, ``results.csv`` and ``results.json`` next to the PNGs.
+``report.md``, ``report.html`` (self-contained: plots embedded, sortable tables),
+``results.csv`` and ``results.json`` next to the PNGs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 from pathlib import Path
 
 from spectra.fsutil import atomic_write_json, atomic_write_text
-from spectra.report import plots
+from spectra.report import html, plots
 from spectra.report.collect import FAMILY_LABEL, FAMILY_ORDER, ModelRecord, average_seeds, load_records
 from spectra.report.scaling import PowerLawFit, fit_power_law
 
@@ -209,5 +210,7 @@ def write_report(paths: list, out_dir: str | Path, paper: bool = False, title: s
     atomic_write_json(out / "results.json", {"models": [r.to_dict() for r in recs],
                                              "fits": {f: x.to_dict() for f, x in fits.items()}, "fit_notes": notes})
     write_csv(recs, out / "results.csv")
-    atomic_write_text(out / "report.md", markdown(recs, fits, notes, figs, paper, title, preamble))
+    md = markdown(recs, fits, notes, figs, paper, title, preamble)
+    atomic_write_text(out / "report.md", md)
+    html.write_html(md, out / "report.html", title)  # the same content, self-contained (plots embedded)
     return out / "report.md"
