@@ -22,7 +22,12 @@ def register(sub) -> None:
     b.add_argument("--val-fraction", type=float, default=None,
                    help="fraction of documents held out for validation (default 0.01; 0.05 for the demo corpus)")
     b.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
-    b.add_argument("--workers", type=int, default=2, help="tokenizer threads (default 2)")
+    b.add_argument("--workers", type=int, default=2,
+                   help="tokenizer worker processes (default 2; started once the corpus exceeds one batch)")
+    b.add_argument("--num-partitions", type=int, default=1,
+                   help="split a many-file source into K slices for K machines/jobs (needs --tokenizer FILE); "
+                        "`spectra data merge` joins them (docs/data.md)")
+    b.add_argument("--partition", type=int, default=0, help="which slice to build, 0..K-1 (e.g. $SLURM_ARRAY_TASK_ID)")
     b.add_argument("--shard-tokens", type=int, default=None, help="max tokens per shard file (default 2^27)")
     b.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"))
     b.add_argument("--mp", type=int, default=1, help="model-parallel degree for the padded vocabulary (128 x MP rule)")
@@ -39,6 +44,14 @@ def register(sub) -> None:
                         "`spectra data build` did not write (never one holding the input; docs/security.md)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
+
+    g = dsub.add_parser("merge", help="join the slices of a partitioned build into one data directory",
+                        description="Join `spectra data build --num-partitions K --partition I` outputs (all K, any "
+                                    "order) into one dataset identical, shard for shard, to a single-machine build.")
+    g.add_argument("parts", nargs="+", help="partition directories")
+    g.add_argument("--out", required=True, help="output data directory (written atomically)")
+    g.add_argument("--force", action="store_true", help="replace an --out directory `spectra data` did not write")
+    g.set_defaults(func=run_merge)
 
     i = dsub.add_parser("info", help="print a data directory's manifest in human form")
     i.add_argument("dir", help="data directory")
@@ -57,9 +70,17 @@ def run_build(args) -> int:
         on_bad="skip" if args.skip_bad_records else "fail", max_docs=args.max_docs, max_tokens=args.max_tokens,
         hf_split=args.hf_split, hf_data_files=args.hf_data_files, hf_revision=args.hf_revision, dtype=args.dtype,
         mp=args.mp, eos_token=args.eos_token, force=args.force, progress=not args.no_progress,
-        log=lambda m: print(m, flush=True), wait_lock=False,
+        log=lambda m: print(m, flush=True), wait_lock=False, num_partitions=args.num_partitions,
+        partition=args.partition,
     )
     print(out)
+    return 0
+
+
+def run_merge(args) -> int:
+    from spectra.data.merge import merge_partitions
+
+    print(merge_partitions(args.parts, args.out, force=args.force, log=lambda m: print(m, flush=True)))
     return 0
 
 
