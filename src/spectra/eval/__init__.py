@@ -62,6 +62,8 @@ def evaluate(ckpt, tasks="spectra6", task_data=None, limit=None, batch_size: int
     from spectra.store import resolve
     from spectra.store.loader import usable_kind
 
+    if tasks and task_data is None:  # $SPECTRA_TASK_DATA, then the user cache, then the Hub
+        task_data = T.resolve_task_data(None, T.expand_tasks(tasks)).path
     if task_data is not None:
         T.offline_env()
     if not isinstance(ckpt, nn.Module):
