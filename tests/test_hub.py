@@ -14,7 +14,7 @@ pytest.importorskip("huggingface_hub", reason="huggingface_hub not installed (th
 
 from spectra.cli import main  # noqa: E402
 from spectra.config import ModelConfig  # noqa: E402
-from spectra.interop.synthetic import write_release_dir  # noqa: E402
+from helpers.release_dirs import write_release_dir  # noqa: E402  (tests/helpers)
 
 REPO_ID = "SpectraTest/TriLM_tiny_Unpacked"
 
@@ -175,3 +175,9 @@ def test_push_to_hub_wiring(offline_cache, tmp_path, monkeypatch, capsys):
     assert "commit/abc" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "ck"), "--to", "hf", "--out", str(tmp_path / "hf2"),
                  "--push-to-hub", "not a repo"]) == 2
+
+
+def test_generate_hub_id_offline(offline_cache, capsys):
+    assert main(["generate", REPO_ID, "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert len(rec["tokens"]) == 3 and rec["prompt_tokens"] == 3

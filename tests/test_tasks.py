@@ -150,7 +150,7 @@ def _fake_hub(monkeypatch, shared, n):
 
 def test_fetch_writes_layout_that_scores_like_the_pack(monkeypatch, shared, tmp_path, capsys, clean_env):
     pytest.importorskip("lm_eval", reason="lm-eval not installed (the eval extra)")
-    from spectra.eval.fixtures import make_random_llama
+    from helpers.random_llama import make_random_llama
 
     calls = _fake_hub(monkeypatch, shared, 12)
     d = tmp_path / "fetched"
