@@ -188,7 +188,7 @@ def check_local(tasks: list[str]) -> None:
             raise SpectraError(
                 f"unknown task '{t}'{closest(t, list(LOCAL) + list(GROUPS))} for local data; tasks with a local "
                 f"layout: {', '.join(LOCAL)}; groups: spectra6, spectra13 (without --task-data any lm-eval task "
-                f"name works: `python -m spectra.lm_eval ls tasks`)")
+                f"name works: `python -m spectra.harness ls tasks`)")
 
 
 def check_known(tasks: list[str], task_manager) -> None:
@@ -199,7 +199,7 @@ def check_known(tasks: list[str], task_manager) -> None:
             raise SpectraError(
                 f"unknown task '{t}'{hint}; groups: spectra6 ({', '.join(SPECTRA6)}), spectra13 (+ "
                 f"{', '.join(SPECTRA13[6:])}); any lm-eval task name also works (list them with "
-                f"`python -m spectra.lm_eval ls tasks`)")
+                f"`python -m spectra.harness ls tasks`)")
 
 
 def sha256_file(path: Path) -> str:
