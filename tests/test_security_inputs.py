@@ -429,9 +429,11 @@ def test_train_config_ranges():
 
 
 def test_threads_limit():
+    from spectra.infer.kernels.build import usable_cpus
+
     assert V.check_threads(None) is None and V.check_threads(1) == 1
-    V.check_threads(4 * V.available_cores())
-    for n in (0, -4, 4 * V.available_cores() + 1, 100000, True):
+    V.check_threads(4 * usable_cpus())
+    for n in (0, -4, 4 * usable_cpus() + 1, 100000, True):
         with pytest.raises(SpectraError, match="--threads"):
             V.check_threads(n)
 
@@ -484,3 +486,15 @@ def test_hf_config_types_checked(nano, tmp_path, edit):
     ck = _ck_with(nano, tmp_path / "ck", lambda c: c.update(edit))
     with pytest.raises(SpectraError, match="config"):
         read_model_config(ck)
+
+
+def test_torch_engine_checks_token_ids(nano):
+    """Finding 2 (library entry point): the torch backend refused nothing (IndexError / OverflowError)."""
+    from spectra.infer.engine import TorchEngine
+    from spectra.store import load
+
+    eng = TorchEngine(load(nano["ck"], "model"), max_len=8)
+    for bad in ([1, 4096], [-1], [10**20]):
+        with pytest.raises(SpectraError, match="vocabulary"):
+            eng.forward(bad)
+    assert eng.pos == 0 and eng.forward([1, 2]).shape == (4096,)

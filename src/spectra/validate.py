@@ -39,7 +39,6 @@ LIMITS = {
 }
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own reader refuses headers over 100 MB
 MAX_JSON_BYTES = 64 << 20  # config/packed/tokenizer metadata; real ones are < 20 MB
-THREADS_PER_CORE = 4  # --threads upper bound = 4 x cores (thread counts beyond that only add contention)
 
 # safetensors dtype name -> bytes per element (the subset any spectra file can hold, plus the common others)
 ST_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -260,21 +259,17 @@ def check_token_ids(ids, vocab: int, what: str = "token id") -> list[int]:
     return out
 
 
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def check_threads(n: int | None, flag: str = "--threads") -> int | None:
-    """None (the default) or an integer in [1, 4 x cores]: more threads than that only exhaust the process table."""
+    """None (the default) or an integer in [1, 4 x usable CPUs]: the native engine's own cap
+    (:func:`spectra.infer.kernels.build.check_threads`, which mirrors the C limit), for every command."""
     if n is None:
         return None
-    hi = THREADS_PER_CORE * available_cores()
-    if not _is_int(n) or not 1 <= n <= hi:
-        raise SpectraError(f"{flag} must be in [1, {hi}] (4 x the {available_cores()} available cores), got {n}")
-    return n
+    from spectra.infer.kernels.build import check_threads as engine_check
+
+    try:
+        return engine_check(n)
+    except SpectraError as e:
+        raise SpectraError(f"{flag}: {e}") from None
 
 
 def check_max_len(max_len: int | None, model_max: int, flag: str = "--max-len") -> None:
