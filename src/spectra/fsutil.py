@@ -257,7 +257,7 @@ def marker_for(path: Path, directory: Path) -> None:
 
 
 def check_output(out, command: str, *, inputs=(), force: bool = False, file: bool = False,
-                 owned=None, inside_input_ok: bool = False) -> Path:
+                 owned=None, inside_input_ok: bool = False, can_force: bool = True) -> Path:
     """The ``--out`` policy, one place for every command (docs/security.md).
 
     Refuses: ``out`` that is or contains an input, or lies inside an input directory (even
@@ -266,12 +266,14 @@ def check_output(out, command: str, *, inputs=(), force: bool = False, file: boo
     is; a symbolic link; a non-empty directory (or existing file) that this ``command`` did
     not write, unless ``force``. "Wrote" means the marker says so, or ``owned(path)`` (the
     command's own check, for outputs written before markers existed) is true.
-    Returns ``out`` as a Path; raises SpectraError naming the path and the fix.
+    Returns ``out`` as a Path; raises SpectraError naming the path and the fix (``can_force``:
+    the command has a --force flag to offer).
     """
     from spectra.errors import SpectraError
 
     out = Path(out)
     flag = f"spectra {command}"
+    fix = "choose another --out, or pass --force" if can_force else "choose another --out"
     real = _real(out)
     for i in inputs:
         if i is None:
@@ -291,7 +293,7 @@ def check_output(out, command: str, *, inputs=(), force: bool = False, file: boo
             raise SpectraError(f"--out '{out}' is a directory; {flag} writes a file: give a file path")
         if out.exists() and not force and not (owned and owned(out)):
             raise SpectraError(f"--out '{out}' is an existing file that {flag} did not write; "
-                               "refusing to replace it (choose another --out, or pass --force)")
+                               f"refusing to replace it ({fix})")
     elif out.exists():
         if not out.is_dir():
             raise SpectraError(f"--out '{out}' is an existing file; {flag} writes a directory: "
@@ -299,7 +301,7 @@ def check_output(out, command: str, *, inputs=(), force: bool = False, file: boo
         ours = read_marker(out) == command or bool(owned and owned(out))
         if not ours and not force and any(p.name != MARKER for p in out.iterdir()):
             raise SpectraError(f"--out '{out}' is a non-empty directory that {flag} did not write; "
-                               "refusing to replace it (choose another --out, or pass --force)")
+                               f"refusing to replace it ({fix})")
     anc = real.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent

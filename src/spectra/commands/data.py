@@ -66,7 +66,7 @@ def run_build(args) -> int:
     out = build_dataset(
         args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size, text_field=args.text_field,
         val_fraction=args.val_fraction, seed=args.seed, num_workers=args.workers,
-        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, txt_unit=args.txt_unit,
+        shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens, txt_unit=args.txt_unit,
         on_bad="skip" if args.skip_bad_records else "fail", max_docs=args.max_docs, max_tokens=args.max_tokens,
         hf_split=args.hf_split, hf_data_files=args.hf_data_files, hf_revision=args.hf_revision, dtype=args.dtype,
         mp=args.mp, eos_token=args.eos_token, force=args.force, progress=not args.no_progress,

@@ -64,6 +64,29 @@ def _check_numbers(args) -> None:
         raise SpectraError(f"--ppl-stride {args.ppl_stride} exceeds --ppl-seq-len {args.ppl_seq_len}")
 
 
+def _is_results(p) -> bool:
+    """A results JSON an earlier `spectra eval` wrote (replaced without --force)."""
+    import json
+
+    try:
+        d = json.loads(Path(p).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "tasks" in d and "settings" in d
+
+
+def _check_out_policy(args, many: bool) -> None:
+    """The --out policy (docs/security.md): never an input, never a file eval did not write."""
+    from spectra.fsutil import check_output
+
+    if many:  # a directory of results files; each file is checked as it is written below
+        check_output(args.out, "eval", inputs=args.ckpt, owned=lambda d: all(
+            _is_results(f) if f.suffix == ".json" else f.suffix == ".md" and f.with_suffix(".json").is_file()
+            for f in Path(d).iterdir()))
+    else:
+        check_output(args.out, "eval", inputs=args.ckpt, file=True, owned=_is_results)
+
+
 def run(args) -> int:
     from spectra.errors import SpectraError
     from spectra.eval import evaluate, markdown, write_results
@@ -82,6 +105,7 @@ def run(args) -> int:
         from spectra.validate import check_out_writable
 
         check_out_writable(args.out, "--out", "dir" if many else "file")
+        _check_out_policy(args, many)
     model_args = {"dtype": args.dtype}
     if args.threads:
         model_args["threads"] = args.threads

@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 
+_FORCE_HELP = ("replace an existing --out that this command did not write (never one holding the input); "
+               "see docs/security.md")
+
+
+def _is_gguf(p) -> bool:
+    """An existing .gguf file (which export may replace without --force)."""
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def register(sub) -> None:
     from spectra.store.dtypes import DTYPE_NAMES
 
@@ -20,6 +30,7 @@ def register(sub) -> None:
                    help="assert the TriLM model-parallel degree (default: config's pretraining_model_parallel, else inferred)")
     p.add_argument("--dtype", default="keep", choices=["keep", *DTYPE_NAMES],
                    help="dtype of the written weights (default: keep the source's)")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=run_import)
 
     p = sub.add_parser("export", help="spectra checkpoint -> Hugging Face directory or GGUF file (llama.cpp)",
@@ -45,6 +56,7 @@ def register(sub) -> None:
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="hf: upload the exported directory (with its model card) to the Hub repository OWNER/NAME")
     p.add_argument("--private", action="store_true", help="--push-to-hub: create the repository private")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=run_export)
 
     p = sub.add_parser("verify-ternary", help="check that every block matrix is ternary per shard (<= 1 + MP distinct |w|)",
@@ -59,11 +71,13 @@ def register(sub) -> None:
 
 
 def run_import(args) -> int:
+    from spectra.fsutil import claim_output
     from spectra.interop.hf import import_hf
     from spectra.store import resolve
 
     src = resolve(args.src, args.revision)
-    conv = import_hf(src, args.out, family=args.family, mp=args.mp, dtype=args.dtype)
+    with claim_output(args.out, "import", inputs=[src], force=args.force):
+        conv = import_hf(src, args.out, family=args.family, mp=args.mp, dtype=args.dtype)
     c = conv.cfg
     print(f"imported {args.src} -> {args.out}: {conv.family}, dim={c.dim} layers={c.n_layers} heads={c.n_heads} "
           f"ffn={c.ffn_dim} vocab={c.vocab_size}")
@@ -74,6 +88,9 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
+    from spectra.fsutil import claim_output
+
+    inputs = [args.ckpt, args.tokenizer, args.eval_results]
     if args.to == "hf":
         from pathlib import Path
 
@@ -81,8 +98,11 @@ def run_export(args) -> int:
         from spectra.interop.modelcard import load_eval_results, push_to_hub, write_model_card
 
         results = load_eval_results(args.eval_results) if args.eval_results else None  # bad input: before any work
-        conv = export_hf(args.ckpt, args.out, dtype=args.dtype)
-        card = write_model_card(args.ckpt, args.out, results, name=args.name or Path(args.out).name)
+        card = Path(args.out) / "README.md"
+        with claim_output(args.out, "export", inputs=inputs, force=args.force):
+            # the card goes into the new tree before the swap (docs/security.md)
+            conv = export_hf(args.ckpt, args.out, dtype=args.dtype, before_swap=lambda tmp: write_model_card(
+                args.ckpt, tmp, results, name=args.name or Path(args.out).name))
         extra = f", pretraining_model_parallel={conv.cfg.mp}" if conv.family == "trilm" else ""
         print(f"exported {args.ckpt} -> {args.out} (Hugging Face LlamaForCausalLM, {args.dtype}{extra}; card {card.name})")
         if args.push_to_hub:
@@ -94,8 +114,9 @@ def run_export(args) -> int:
         raise SpectraError("--push-to-hub and --eval-results apply to --to hf")
     from spectra.interop.gguf_export import export_gguf
 
-    res = export_gguf(args.ckpt, args.out, qtype=args.type, head_type=args.head_type, embed_type=args.embed_type,
-                      tokenizer=args.tokenizer, name=args.name)
+    with claim_output(args.out, "export", inputs=inputs, force=args.force, file=True, owned=_is_gguf):
+        res = export_gguf(args.ckpt, args.out, qtype=args.type, head_type=args.head_type,
+                          embed_type=args.embed_type, tokenizer=args.tokenizer, name=args.name)
     print(res.summary())
     return 0
 

@@ -38,6 +38,12 @@ def run(args) -> int:
             print("\nThe 'spectra' preset is meant for GPU clusters: run the printed stages with "
                   "`torchrun --nproc-per-node N -m spectra train ...` per size (see docs/suite.md).")
         return 0
+    from spectra.fsutil import claim_output
+
     out = Path(args.out or f"runs/suite-{args.preset}")
-    Suite(plan, out, progress=not args.quiet).run()
+    # --out policy + lock (docs/security.md); Suite itself refuses a directory holding another suite
+    # and never replaces --out (its data may be an earlier suite's, inside it)
+    with claim_output(out, "suite", mark=False,
+                      owned=lambda p: (p / "suite.json").is_file()):
+        Suite(plan, out, progress=not args.quiet).run()
     return 0

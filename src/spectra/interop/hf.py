@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from spectra.store import (DTYPE_NAMES, family_of, from_hf_names, model_config_from_hf, read_config, read_weights,
-                           save_model, torch_dtype)
+from spectra.store import (DTYPE_NAMES, family_of, from_hf_names, read_model_config, read_weights, save_model,
+                           torch_dtype)
 from spectra.config import ModelConfig
 from spectra.errors import SpectraError
 from spectra.interop.layout import MAX_MP, MatrixLayout, analyse, distinct_magnitudes, is_block_linear, model_mp
@@ -114,9 +114,8 @@ def decompose(sd: dict[str, torch.Tensor], mp: int | None, source: str, max_mp: 
 def convert(src: str | Path, family: str = "auto", mp: int | None = None, max_mp: int = MAX_MP) -> Converted:
     """Read and check any Llama HF directory (or ours); decompose a TriLM's ternary matrices."""
     src = Path(src)
-    d = read_config(src)
+    cfg, d = read_model_config(src)
     source = str(src)
-    cfg = model_config_from_hf(d, str(src / "config.json"))
     sd = check_tensors(read_weights(src), cfg, source)
 
     declared = "pretraining_model_parallel" in d or (d.get("spectra") or {}).get("family") in ("trilm", "bilm")
@@ -159,7 +158,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             atomic_write_bytes(dst / f, (src / f).read_bytes())
 
 
-def _write(conv: Converted, out: Path, dtype: torch.dtype, meta: dict, tok_src: Path | None) -> Path:
+def _write(conv: Converted, out: Path, dtype: torch.dtype, meta: dict, tok_src: Path | None,
+           extra_json: dict | None = None, before_swap=None) -> Path:
+    from spectra.fsutil import atomic_dir, atomic_write_json
     from spectra.model import build_meta
 
     changed = any(v.dtype != dtype for v in conv.state.values())
@@ -168,9 +169,16 @@ def _write(conv: Converted, out: Path, dtype: torch.dtype, meta: dict, tok_src: 
         # fp16/bf16 may round gamma: the result is still gamma'*W_hat, check it stays ternary.
         decompose(sd, conv.cfg.mp, f"{out} ({str(dtype).removeprefix('torch.')})")
     model = build_meta(conv.cfg)  # only its config is used by save_model when state_dict is given
-    save_model(model, out, conv.family, dtype=dtype, meta=meta, state_dict=sd)
-    if tok_src is not None:
-        _copy_tokenizer(tok_src, out)  # keep the source's tokenizer files verbatim (atomic_dir is done)
+    # Every file goes into the new tree BEFORE it is swapped in: a kill never leaves a model
+    # directory without its tokenizer or ternary_layout.json (docs/security.md).
+    with atomic_dir(out) as tmp:
+        save_model(model, tmp, conv.family, dtype=dtype, meta=meta, state_dict=sd)
+        if tok_src is not None:
+            _copy_tokenizer(tok_src, tmp)  # keep the source's tokenizer files verbatim
+        for name, obj in (extra_json or {}).items():
+            atomic_write_json(tmp / name, obj)
+        if before_swap is not None:  # e.g. the model card: also part of the new tree
+            before_swap(tmp)
     return out
 
 
@@ -178,31 +186,33 @@ def import_hf(src: str | Path, out: str | Path, *, family: str = "auto", mp: int
               dtype: str = "keep", max_mp: int = MAX_MP) -> Converted:
     """``spectra import``: HF directory -> spectra model directory (writes ``ternary_layout.json`` for a TriLM)."""
     src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise SpectraError(f"import destination '{out}' is the source itself; choose another --out")
     conv = convert(src, family, mp, max_mp)
     src_dtype = next(iter(conv.state.values())).dtype
     meta = {"imported_from": str(src.resolve()), "source_dtype": str(src_dtype).removeprefix("torch.")}
     prev = conv.config.get("spectra") or {}
     meta.update({k: v for k, v in prev.items() if k not in ("version", "family", "mp")})
+    extra = {}
     if conv.family == "trilm":
         meta["mp_source"] = conv.mp_source
-    _write(conv, out, _dtype(dtype, src_dtype), meta, src)
-    if conv.family == "trilm":
-        from spectra.fsutil import atomic_write_json
-
-        atomic_write_json(out / "ternary_layout.json", {
+        extra["ternary_layout.json"] = {
             "mp": conv.cfg.mp, "mp_source": conv.mp_source,
             "matrices": {lay.name: {"split": lay.split, "distinct_abs": lay.distinct, "gammas": lay.gammas}
-                         for lay in conv.layouts}})
+                         for lay in conv.layouts}}
+    _write(conv, out, _dtype(dtype, src_dtype), meta, src, extra)
     return conv
 
 
-def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float16") -> Converted:
-    """``spectra export --to hf``: a plain LlamaForCausalLM directory (TriLM unpacked + pretraining_model_parallel)."""
+def export_hf(ckpt: str | Path, out: str | Path, *, dtype: str = "float16", before_swap=None) -> Converted:
+    """``spectra export --to hf``: a plain LlamaForCausalLM directory (TriLM unpacked + pretraining_model_parallel).
+
+    ``before_swap(tmp)`` may add files (a model card) to the new tree before it replaces ``out``."""
     ckpt, out = Path(ckpt), Path(out)
     if out.resolve() == ckpt.resolve():
         raise SpectraError(f"export destination '{out}' is the checkpoint itself; choose another --out")
     conv = convert(ckpt)
     meta = {k: v for k, v in (conv.config.get("spectra") or {}).items() if k not in ("version", "family", "mp")}
-    _write(conv, out, _dtype(dtype, torch.float16), meta, ckpt)
+    _write(conv, out, _dtype(dtype, torch.float16), meta, ckpt, before_swap=before_swap)
     return conv
 

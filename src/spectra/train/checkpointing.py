@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from spectra.errors import SpectraError
-from spectra.fsutil import atomic_write_json, fsync_dir, fsync_tree
+from spectra.fsutil import atomic_write_json, fsync_tree, recover, swap_dir
 
 CKPT_DIR = "checkpoints"
 FINAL = "final"
@@ -110,10 +110,15 @@ def final_checkpoint(run_dir: str | Path) -> Path:
 
 
 def clean_temporaries(run_dir: Path) -> None:
+    """Leftovers of a killed save: temporary trees go; a checkpoint parked as '.NAME.old' by an
+    interrupted fallback swap is restored (or dropped when NAME is complete), never lost."""
     root = run_dir / CKPT_DIR
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
+            if p.name.startswith(".") and p.name.endswith(".old"):
+                recover(root / p.name[1:-4])
+        for p in root.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -181,15 +186,7 @@ def save_checkpoint(run_dir: Path, step: int, kind: str, *, model, base_model, o
             atomic_write_json(_state_file(tmp), {**trainer_state, "step": step, "kind": kind, "world_size": d.world,
                                                  "files": files})
             fsync_tree(tmp)
-            if final.exists():  # re-saving the same step (e.g. after a resume): swap
-                old = root / f".{final.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            fsync_dir(root)
+            swap_dir(tmp, final)  # atomic, also when re-saving the same step (e.g. after a resume)
     except OSError as e:
         err = e
     if err is not None:

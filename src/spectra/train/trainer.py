@@ -8,6 +8,7 @@ AdamW step -> log -> validate / checkpoint when scheduled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -68,9 +69,44 @@ def train(cfg: TrainConfig) -> Path:
 
         keep_freed_memory()
     try:
-        return _train(cfg, d)
+        with _run_lock(Path(cfg.out), d):
+            fresh = not (Path(cfg.out) / CONFIG_FILE).exists()
+            try:
+                return _train(cfg, d)
+            except BaseException:
+                if fresh and d.is_main:
+                    _forget_failed_start(Path(cfg.out))
+                raise
     finally:
         close_distributed(d)
+
+
+@contextlib.contextmanager
+def _run_lock(run: Path, d: Dist):
+    """One training job per run directory: rank 0 holds an exclusive lock next to it (docs/security.md);
+    a second job fails at once, naming the holder. All ranks learn the outcome, so all stop together."""
+    from spectra.fsutil import output_lock
+
+    with contextlib.ExitStack() as stack:
+        err = None
+        if d.is_main:
+            try:
+                stack.enter_context(output_lock(run, "spectra train"))
+            except SpectraError as e:
+                err = e
+        (ok,) = all_reduce_mean([0.0 if err else 1.0], d)
+        if err is not None:
+            raise err
+        if ok < 1:
+            raise SpectraError(f"run directory '{run}' is in use by another training job; wait for it or choose another --out")
+        yield
+
+
+def _forget_failed_start(run: Path) -> None:
+    """A run that failed before its first checkpoint leaves no train_config.json behind: a plain
+    rerun must not be refused as 'already holds a run' (issue 15)."""
+    if not ck.list_checkpoints(run):
+        (run / CONFIG_FILE).unlink(missing_ok=True)
 
 
 # -- setup ------------------------------------------------------------------------------
@@ -182,12 +218,18 @@ def resolved_config(cfg: TrainConfig, plan: Plan) -> TrainConfig:
 _IDENTITY = ("model", "data")  # a run with other values here is a different run
 
 
-def _check_run_dir(run: Path, resolved: TrainConfig, resume: str) -> None:
+def _check_run_dir(run: Path, resolved: TrainConfig, resume: str, cfg: TrainConfig) -> None:
+    from spectra.fsutil import check_output
+
     f = run / CONFIG_FILE
     if not f.exists():
         if run.exists() and resume == "none" and ck.list_checkpoints(run):
             raise SpectraError(f"output directory '{run}' holds checkpoints but no {CONFIG_FILE}; choose another --out")
+        # --out policy (docs/security.md): a new, empty or own directory, never inside/around the data
+        check_output(run, "train", inputs=[cfg.data.dir, cfg.model.init_from], can_force=False)
         return
+    if not ck.list_checkpoints(run):
+        return  # a start that died before its first checkpoint (we hold the run lock): nothing to keep
     old = json.loads(f.read_text())
     new = resolved.to_dict()
     diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}" for sec in _IDENTITY for k, v in new[sec].items()
@@ -285,13 +327,14 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     ds = _open_data(cfg)
     plan = make_plan(cfg, int(ds.vocab_size), getattr(ds, "tokenizer_path", None), d.world, d.device.type)
     res = resolved_config(cfg, plan)
-    _check_run_dir(run, res, cfg.resume)  # on every rank, so all of them raise together
+    _check_run_dir(run, res, cfg.resume, cfg)  # on every rank, so all of them raise together
     barrier(d)
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
         ck.clean_temporaries(run)
-        from spectra.fsutil import atomic_write_json
+        from spectra.fsutil import atomic_write_json, write_marker
 
+        write_marker(run, "train")
         atomic_write_json(run / CONFIG_FILE, res.to_dict())
     barrier(d)
 
