@@ -17,6 +17,8 @@ def register(sub) -> None:
                    help="output head precision (default f16): " + "; ".join(f"{h.name}: {h.help}" for h in HEAD_FORMATS.values()))
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--no-verify", action="store_true", help="skip reloading the result to check exactness")
+    p.add_argument("--force", action="store_true", help="replace an existing --out that `spectra pack` did not "
+                                                        "write (never one holding the input); docs/security.md")
     p.set_defaults(func=run)
 
 
@@ -26,7 +28,15 @@ def run(args) -> int:
     from spectra.store import from_hf_names, read_weights
     from spectra.infer.packed_model import PackedModel, write_packed
 
-    meta = write_packed(args.checkpoint, args.out, fmt=args.fmt, head=args.head)
+    from spectra.validate import check_out_writable
+
+    check_out_writable(args.out, "--out", "dir")  # before the work, not after it
+    from spectra.fsutil import claim_output
+
+    # --out policy + lock (docs/security.md); a packed dir from before output markers has packed.json
+    with claim_output(args.out, "pack", inputs=[args.checkpoint], force=args.force,
+                      owned=lambda p: (p / "packed.json").is_file()):
+        meta = write_packed(args.checkpoint, args.out, fmt=args.fmt, head=args.head)
     pm = PackedModel.load(args.out, verify=True)
     if not args.no_verify:  # reload and compare every matrix with the checkpoint, bit for bit
         sd = from_hf_names(read_weights(args.checkpoint))

@@ -35,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--chunk-tokens", type=int, default=16384, help="tokens per forward chunk (memory knob)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out that `spectra quantize` "
+                                                        "did not write (never one holding the input); docs/security.md")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
 
@@ -52,6 +54,15 @@ def _int_list(s: str, flag: str) -> list[int]:
 
 
 def run(args) -> int:
+    from spectra.fsutil import claim_output
+
+    # --out policy + lock for the whole run (docs/security.md); results are added in place
+    with claim_output(args.out, "quantize", inputs=[args.checkpoint, args.calib], force=args.force, mark=False,
+                      owned=lambda p: (p / "quantize_summary.json").is_file() or (p / "quantize_log.jsonl").is_file()):
+        return _run(args)
+
+
+def _run(args) -> int:
     import json
     import time
     from pathlib import Path
@@ -59,11 +70,13 @@ def run(args) -> int:
     import torch
 
     from spectra.errors import SpectraError
-    from spectra.fsutil import atomic_write_json
+    from spectra.fsutil import atomic_write_json, write_marker
     from spectra.quant import QuantSpec, calibration_tokens, quantize_model, refuse_non_float, save_quantized
     from spectra.store import find_tokenizer, load_model, quantlm_name, read_model_config, torch_dtype
 
-    if args.threads:
+    from spectra.validate import check_finite_weights, check_threads
+
+    if check_threads(args.threads):
         torch.set_num_threads(args.threads)
     bits_list = _int_list(args.bits, "--bits")
     seeds = _int_list(args.seeds, "--seeds") if args.method == "gptq" else [None]
@@ -88,9 +101,11 @@ def run(args) -> int:
 
     model, _ = load_model(src, dtype=torch.float32)
     refuse_non_float(model, source=str(src))
+    check_finite_weights(model.state_dict(), str(src))  # NaN/Inf weights gave a NaN QuantLM with rc 0
     tokenizer = find_tokenizer(src)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "quantize")
     log_path = out / "quantize_log.jsonl"
     dtype = torch_dtype(args.dtype)
     results = []
