@@ -149,17 +149,8 @@ def _plain_inputs(rows: list[_Row], device):
 
 def is_native(model) -> bool:
     """A spectra.infer NativeEngine (packed TriLM on the C kernel): one sequence with a KV cache."""
-    return getattr(model, "backend", None) == "native" and hasattr(model, "forward") and hasattr(model, "reset")
-
-
-def _rewind(eng, prefix: tuple[int, ...]) -> None:
-    """Put the engine's KV cache at the end of ``prefix`` (already fed once)."""
-    if hasattr(eng, "set_pos"):  # truncate the cache: the prefix's keys/values stay valid
-        eng.set_pos(len(prefix))
-    else:  # only reset/forward: recompute the prefix (same numbers, more work)
-        eng.reset()
-        if prefix:
-            eng.forward(list(prefix))
+    return getattr(model, "backend", None) == "native" and all(
+        hasattr(model, a) for a in ("forward", "reset", "set_pos"))
 
 
 def _score_native(eng, requests, max_length: int, pbar=None) -> list[tuple[float, bool]]:
@@ -171,9 +162,8 @@ def _score_native(eng, requests, max_length: int, pbar=None) -> list[tuple[float
         lp = len(r.prefix)
         if lp:
             eng.forward(list(r.prefix))
-        for k, br in enumerate(r.branches):
-            if k:
-                _rewind(eng, r.prefix)
+        for br in r.branches:
+            eng.set_pos(lp)  # rewind the KV cache to the end of the shared prefix
             logits = torch.from_numpy(eng.forward(br.suffix, all_logits=True))
             logp = F.log_softmax(logits.float(), dim=-1)
             tgt = torch.tensor(br.targets)
