@@ -377,6 +377,9 @@ class TorchEngine:
             raise SpectraError("forward needs at least one token")
         if self.pos + len(toks) > self.max_len:
             raise SpectraError(f"context full: {self.pos} + {len(toks)} tokens exceed max_len={self.max_len}")
+        from spectra.validate import check_token_ids
+
+        toks = check_token_ids(toks, self.cfg.vocab_size)  # an id past the embedding is an IndexError in torch
         with torch.inference_mode():
             idx = torch.tensor([toks], dtype=torch.long)
             if all_logits:

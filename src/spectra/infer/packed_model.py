@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,12 @@ class PackedMatrix:
 
 
 # ----------------------------------------------------------------------------- writing
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 def _ternary_of(name: str, w, mp: int, split: str):
     """(W_hat, gamma) of an unpacked checkpoint weight, or a SpectraError naming the matrix."""
     import torch
@@ -115,6 +122,9 @@ def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str =
     d = read_config(ckpt)
     cfg = model_config_from_hf(d, str(ckpt / "config.json"))
     sd = from_hf_names(read_weights(ckpt))
+    from spectra.validate import check_config_shapes
+
+    check_config_shapes(cfg, {k: tuple(v.shape) for k, v in sd.items()}, str(ckpt))  # before any packing
     names = linear_names(cfg)
     missing = [n for n in names + ["embed_tokens", "lm_head", "norm"] if f"{n}.weight" not in sd]
     if missing:
@@ -185,6 +195,7 @@ def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str =
     out = Path(out)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME, "weights": fmt})
+        os.chmod(tmp / WEIGHTS, 0o666 & ~_umask())  # safetensors creates its files 0600
         meta["file"]["bytes"] = (tmp / WEIGHTS).stat().st_size
         for tok in ("tokenizer.json", "tokenizer_config.json"):
             if (ckpt / tok).exists():
@@ -194,52 +205,153 @@ def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str =
 
 
 # ----------------------------------------------------------------------------- loading
-def _read_header(path: Path, size: int) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise SpectraError(f"{path}: truncated ({size} bytes); not a safetensors file")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or 8 + n > size:
-            raise SpectraError(f"{path}: corrupted safetensors header (length {n} for a {size}-byte file)")
-        try:
-            return json.loads(f.read(n)), 8 + n
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SpectraError(f"{path}: corrupted safetensors header (not JSON)") from None
+# Every field of packed.json is checked against the tensors and the hard limits before any value
+# reaches the C engine (which trusts them as array bounds): docs/security.md, "Validation of input files".
+_MODEL_INT = ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "mp", "max_seq_len")
+_MODEL_NUM = ("norm_eps", "rope_theta", "init_std")
+
+
+def _model_config(meta: dict, where: str) -> ModelConfig:
+    from spectra.validate import check_model_limits, json_field
+
+    model = json_field(meta, "model", "dict", where)
+    unknown = sorted(set(model) - set(_MODEL_INT) - set(_MODEL_NUM))
+    if unknown:
+        raise SpectraError(f"{where}: unknown model field '{unknown[0]}'")
+    for k in _MODEL_INT:
+        json_field(model, k, "int", f"{where}: model")
+    for k in _MODEL_NUM:
+        if k in model:
+            json_field(model, k, "num", f"{where}: model", lo=0)
+    check_model_limits(model, where)
+    try:
+        return ModelConfig(**model).validate(require_padded_vocab=False)
+    except SpectraError as e:
+        raise SpectraError(f"{where}: {e}") from None
+
+
+def expected_tensors(cfg: ModelConfig, fmt: str, head: str) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor a packed model of this shape holds: name -> (safetensors dtype, shape)."""
+    out = {"embed_tokens.weight": ("F16", [cfg.vocab_size, cfg.dim]), "norm.weight": ("F32", [cfg.dim])}
+    for i in range(cfg.n_layers):
+        for nn_ in ("input_layernorm", "post_attention_layernorm"):
+            out[f"layers.{i}.{nn_}.weight"] = ("F32", [cfg.dim])
+    for name, (rows, k, split) in expected_linear(cfg).items():
+        out[f"{name}.trits"] = ("U8", [rows, packing.row_bytes(k, cfg.mp, split, fmt)])
+        out[f"{name}.gamma"] = ("F32", [cfg.mp])
+    if head == "f16":
+        out["lm_head.weight"] = ("F16", [cfg.vocab_size, cfg.dim])
+    else:
+        out["lm_head.q8"] = ("I8", [cfg.vocab_size, cfg.dim])
+        out["lm_head.scale"] = ("F32", [cfg.vocab_size])
+    return out
+
+
+def expected_linear(cfg: ModelConfig) -> dict[str, tuple[int, int, str]]:
+    """Block linears -> (rows, k, split) implied by the model shape."""
+    from spectra.ternary import split_of
+
+    shape = {"gate_proj": (cfg.ffn_dim, cfg.dim), "up_proj": (cfg.ffn_dim, cfg.dim), "down_proj": (cfg.dim, cfg.ffn_dim)}
+    return {n: (*shape.get(n.rsplit(".", 1)[-1], (cfg.dim, cfg.dim)), split_of(n)) for n in linear_names(cfg)}
+
+
+def _check_linear(meta: dict, cfg: ModelConfig, fmt: str, where: str) -> None:
+    from spectra.validate import json_field
+
+    lin = json_field(meta, "linear", "dict", where)
+    want = expected_linear(cfg)
+    extra = sorted(set(lin) - set(want))
+    if extra:
+        raise SpectraError(f"{where}: 'linear' names '{extra[0]}', which a {cfg.n_layers}-layer model does not have")
+    for name, (rows, k, split) in want.items():
+        w = f"{where}: linear '{name}'"
+        if name not in lin:
+            raise SpectraError(f"{w} is missing")
+        m = lin[name]
+        expect = {"rows": rows, "k": k, "mp": cfg.mp, "split": split, "kp": packing.padded_k(k, cfg.mp, split),
+                  "fmt": fmt, "row_bytes": packing.row_bytes(k, cfg.mp, split, fmt)}
+        if not isinstance(m, dict):
+            raise SpectraError(f"{w} must be an object")
+        for key, v in expect.items():
+            if key not in m and key in ("fmt", "row_bytes"):
+                continue  # optional (derived) fields
+            if key not in m or type(m[key]) is not type(v) or m[key] != v:
+                raise SpectraError(f"{w}: '{key}' is {str(m.get(key))[:40]!r}, the model shape implies {v!r} "
+                                   f"(edited or corrupted {PACKED_JSON})")
+
+
+def read_packed_meta(path: str | Path) -> tuple[dict, ModelConfig]:
+    """packed.json of a packed directory, every field checked against the limits and the model shape.
+
+    Does not open the weights (see :meth:`PackedModel.load` for the tensor checks)."""
+    from spectra.validate import json_field, read_json_object
+
+    path = Path(path)
+    mf = path / PACKED_JSON
+    if not mf.is_file():
+        raise SpectraError(f"'{path}' is not a packed model directory (no {PACKED_JSON}); create one with 'spectra pack'")
+    where = str(mf)
+    meta = read_json_object(mf, PACKED_JSON, required=("format", "version"))
+    if meta["format"] != FORMAT_NAME:
+        raise SpectraError(f"{mf}: 'format' is {str(meta['format'])[:40]!r}, expected {FORMAT_NAME!r}")
+    if meta["version"] != VERSION:
+        raise SpectraError(f"{mf}: version {str(meta['version'])[:20]} is not supported (this spectra reads version {VERSION}); re-pack the checkpoint")
+    fmt = json_field(meta, "weights", "str", where)
+    if fmt not in packing.FORMATS:
+        raise SpectraError(f"{mf}: 'weights' is {fmt[:20]!r}; allowed: {', '.join(packing.FORMATS)}")
+    head = json_field(meta, "head", "str", where)
+    if head not in packing.HEADS:
+        raise SpectraError(f"{mf}: 'head' is {head[:20]!r}; allowed: {', '.join(packing.HEADS)}")
+    file = json_field(meta, "file", "dict", where)
+    if json_field(file, "name", "str", f"{where}: file") != WEIGHTS:
+        raise SpectraError(f"{mf}: 'file.name' must be {WEIGHTS!r} (a packed model keeps its tensors beside {PACKED_JSON})")
+    json_field(file, "bytes", "int", f"{where}: file", lo=8, hi=1 << 50)
+    cfg = _model_config(meta, where)
+    if head == "q8" and cfg.dim % 32:
+        raise SpectraError(f"{mf}: head 'q8' needs model.dim divisible by 32, got {cfg.dim}")
+    for key in ("eos_token_id", "bos_token_id"):
+        if meta.get(key) is not None:
+            json_field(meta, key, "int", where, lo=0, hi=cfg.vocab_size - 1)
+    _check_linear(meta, cfg, fmt, where)
+    tensors = json_field(meta, "tensors", "dict", where)
+    want = expected_tensors(cfg, fmt, head)
+    for name in sorted(set(tensors) | set(want)):
+        if name not in want:
+            raise SpectraError(f"{mf}: unexpected tensor '{name}' for this model shape")
+        t, (dt, shape) = tensors.get(name), want[name]
+        if not isinstance(t, dict) or t.get("dtype") != dt or t.get("shape") != shape:
+            raise SpectraError(f"{mf}: tensor '{name}' is listed as {str(t)[:80]}, the model shape implies {dt}{shape}")
+        sha = t.get("sha256")
+        if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+            raise SpectraError(f"{mf}: tensor '{name}' has no valid 'sha256' (64 hex digits)")
+    return meta, cfg
 
 
 class PackedModel:
     """A packed model mapped read-only into memory. Use :meth:`load`."""
 
-    def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray], mm: mmap.mmap | None):
+    def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray], mm: mmap.mmap | None,
+                 cfg: ModelConfig | None = None):
         self.path, self.meta, self.arrays, self._mm = path, meta, arrays, mm
-        self.cfg = ModelConfig(**meta["model"]).validate(require_padded_vocab=False)
+        self.cfg = cfg or ModelConfig(**meta["model"]).validate(require_padded_vocab=False)
         self.fmt: str = meta["weights"]
         self.head: str = meta["head"]
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "PackedModel":
-        """Map ``path``/model.safetensors; check its size always and every tensor's sha256 when ``verify``."""
+        """Map ``path``/model.safetensors after checking packed.json (:func:`read_packed_meta`), the file
+        size, every tensor's dtype/shape/offsets against the model shape, and, when ``verify``, every sha256."""
+        from spectra.validate import safetensors_header
+
         path = Path(path)
-        mf = path / PACKED_JSON
-        if not mf.is_file():
-            raise SpectraError(f"'{path}' is not a packed model directory (no {PACKED_JSON}); create one with 'spectra pack'")
-        try:
-            meta = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise SpectraError(f"{mf}: not valid JSON ({e})") from None
-        if meta.get("format") != FORMAT_NAME:
-            raise SpectraError(f"{mf}: 'format' is {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-        if meta.get("version") != VERSION:
-            raise SpectraError(f"{mf}: version {meta.get('version')} is not supported (this spectra reads version {VERSION}); re-pack the checkpoint")
-        packing.check_format(meta.get("weights", "?"))
-        wf = path / meta["file"]["name"]
+        meta, cfg = read_packed_meta(path)
+        wf = path / WEIGHTS
         if not wf.is_file():
             raise SpectraError(f"{wf}: missing (the packed directory is incomplete)")
         size = wf.stat().st_size
         if size != meta["file"]["bytes"]:
             raise SpectraError(f"{wf}: size {size} bytes does not match {meta['file']['bytes']} recorded in {PACKED_JSON} (truncated or corrupted file); re-pack it")
-        header, data0 = _read_header(wf, size)
+        header, data0 = safetensors_header(wf)
         with open(wf, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf = np.frombuffer(mm, dtype=np.uint8)
@@ -250,16 +362,15 @@ class PackedModel:
                 raise SpectraError(f"{wf}: tensor '{name}' listed in {PACKED_JSON} is missing from the file")
             if h["dtype"] != info["dtype"] or list(h["shape"]) != list(info["shape"]):
                 raise SpectraError(f"{wf}: tensor '{name}' is {h['dtype']}{h['shape']}, {PACKED_JSON} says {info['dtype']}{info['shape']}")
-            b, e = h["data_offsets"]
+            b, e = h["data_offsets"]  # inside the file: checked by safetensors_header
             dt = np.dtype(_ST_DTYPES[h["dtype"]])
-            n = int(np.prod(h["shape"])) if h["shape"] else 1
-            if e - b != n * dt.itemsize or data0 + e > size:
-                raise SpectraError(f"{wf}: tensor '{name}' has inconsistent offsets (corrupted file)")
+            if (data0 + b) % dt.itemsize:  # the C engine reads these as typed arrays
+                raise SpectraError(f"{wf}: tensor '{name}' is not aligned to {dt.itemsize} bytes (corrupted file)")
             a = buf[data0 + b: data0 + e].view(dt).reshape(h["shape"])
             if verify and hashlib.sha256(a).hexdigest() != info["sha256"]:
                 raise SpectraError(f"{wf}: checksum mismatch in tensor '{name}' (corrupted file); re-pack the checkpoint")
             arrays[name] = a
-        return cls(path, meta, arrays, mm)
+        return cls(path, meta, arrays, mm, cfg)
 
     # -- accessors
     def matrix(self, name: str) -> PackedMatrix:
