@@ -31,6 +31,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_limits(args, model_max: int) -> None:
+    """Flags checked before anything is allocated (a 1e8 --max-len once built 45 GB of RoPE tables)."""
+    from spectra.validate import check_max_len, check_positive, check_threads
+
+    check_threads(args.threads)
+    check_max_len(args.max_len, model_max)
+    check_positive(args.max_new_tokens, "--max-new-tokens", zero_ok=True)
+
+
 def run(args) -> int:
     import json
     import sys
@@ -40,9 +49,12 @@ def run(args) -> int:
     from spectra.infer.generate import generate
     from spectra.infer.sampling import SamplingConfig
     from spectra.store import load, resolve
+    from spectra.validate import check_memory, check_token_ids, runtime_bytes
 
     path = resolve(args.checkpoint)
-    eos, model_max = load(path, "meta").get("eos_token_id"), int(load(path, "config").max_seq_len)
+    cfg = load(path, "config")
+    eos, model_max = load(path, "meta").get("eos_token_id"), cfg.max_seq_len
+    _check_limits(args, model_max)
     tok = load(path, "tokenizer", required=False)
     if args.prompt is not None:
         if tok is None:
@@ -54,8 +66,11 @@ def run(args) -> int:
         except ValueError:
             raise SpectraError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    check_token_ids(ids, cfg.vocab_size, "--prompt-ids token" if args.prompt is None else "prompt token")
     # KV cache sized for this request (not the model's full context) unless --max-len says otherwise
-    max_len = args.max_len or min(model_max, len(ids) + max(args.max_new_tokens, 0))
+    max_len = args.max_len or min(model_max, len(ids) + args.max_new_tokens)
+    check_memory(runtime_bytes(cfg.dim, cfg.n_layers, cfg.n_heads, cfg.vocab_size, max_len, rows=128),
+                 f"a context of {max_len} tokens", "lower --max-len / --max-new-tokens")
     engine = open_engine(path, args.backend, max_len=max_len, n_threads=args.threads, kernel=args.kernel,
                          verify=not args.no_verify, act=args.act)
     try:
