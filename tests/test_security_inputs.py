@@ -310,7 +310,7 @@ def test_bad_config_json_one_line(nano, tmp_path, capsys, content):
     assert "config.json" in in_process(capsys, "pack", ck, "--out", tmp_path / "p")
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe{", b"[1, 2]", b'{"format": "spectra-packed-ternary"}'])
+@pytest.mark.parametrize("content", [b"\xff\xfe{", b"[1, 2]", b'{"format": "spectra-packed-ternary"}', b"[" * 100000])
 def test_bad_packed_json_one_line(nano, tmp_path, capsys, content):
     pk = tmp_path / "pk"
     shutil.copytree(nano["pk"], pk)

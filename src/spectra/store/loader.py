@@ -67,17 +67,9 @@ def usable_kind(p: Path) -> Kind:
 
 def _config(p: Path, kind: Kind, as_: str):
     if kind is Kind.PACKED_TRILM:
-        import json
+        from spectra.infer.packed_model import read_packed_meta
 
-        from spectra.config import ModelConfig
-
-        try:
-            meta = json.loads((p / PACKED_JSON).read_text())
-            cfg = ModelConfig.from_dict(meta["model"]) if as_ == "config" else None
-        except SpectraError as e:
-            raise SpectraError(f"{p / PACKED_JSON}: {e}") from None
-        except (ValueError, TypeError, KeyError) as e:
-            raise SpectraError(f"{p / PACKED_JSON}: not a valid packed.json ({type(e).__name__}: {e})") from None
+        meta, cfg = read_packed_meta(p)  # every field checked (docs/security.md), the tensors not opened
         return cfg if as_ == "config" else meta
     from spectra.store.hfconfig import read_model_config
 
