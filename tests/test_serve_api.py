@@ -252,3 +252,52 @@ def test_prometheus_text_is_parseable(srv):
             name, value = line.rsplit(" ", 1)
             float(value)
     assert json.dumps(text)  # plain text, no binary
+
+
+def test_non_streaming_client_that_hangs_up_is_cancelled(models):
+    """A queued non-streaming request whose client disconnects is cancelled (its slot/queue place freed)."""
+    import asyncio
+
+    from spectra.infer.torch_batch import TorchBatchEngine
+    from spectra.serve.app import ServerState, build_asgi
+    from spectra.serve.chat import ChatTemplate
+    from spectra.serve.scheduler import Scheduler
+
+    eng = TorchBatchEngine.from_path(models["ck"], max_seqs=1, max_len=32, max_step_tokens=32)
+    state = ServerState("tiny")
+    state.engine, state.template = eng, ChatTemplate()
+    state.scheduler = Scheduler(eng, None, None, 1, metrics=state.metrics)  # never started: the request stays queued
+    state.ready = True
+    app = build_asgi(state)
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 4}).encode()
+    sent = []
+
+    async def call():
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+        gone_at = asyncio.get_running_loop().time() + 0.3  # the client hangs up a moment after sending
+
+        async def receive():  # like uvicorn's: waits until something happens, then answers at once
+            if msgs:
+                return msgs.pop(0)
+            wait = gone_at - asyncio.get_running_loop().time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            return {"type": "http.disconnect"}
+
+        async def send(m):
+            sent.append(m)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                               (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+        await asyncio.wait_for(app(scope, receive, send), 10)
+
+    asyncio.run(call())
+    assert state.scheduler.queue_len == 1
+    queued = state.scheduler._waiting[0]
+    assert queued.cancelled  # the scheduler drops it at its next step boundary
+    state.scheduler._iteration()
+    assert state.scheduler.queue_len == 0 and eng.active == 0
+    assert state.metrics.requests.value("abort") == 1

@@ -256,7 +256,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             while any(f is None for f in fins):
                 try:
-                    i, ev = await asyncio.wait_for(q.get(), 1.0)
+                    i, ev = await asyncio.wait_for(q.get(), 0.25)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
