@@ -63,3 +63,15 @@ def test_health_is_503_while_loading():
         r = c.post("/v1/completions", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         assert c.get("/metrics").status_code == 200
+
+
+def test_cli_refuses_bad_setups(tmp_path, capsys):
+    pytest.importorskip("fastapi", reason="spectra serve needs the serve extra (fastapi, uvicorn)")
+    from spectra.cli import main
+
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "--api-key" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--parallel", "0"]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err
