@@ -197,6 +197,19 @@ def _load_tokenizer(d: Path):
     t.decode(t.encode("the fox").ids)
 
 
+def _load_store_config(d: Path):
+    from spectra.store import load
+
+    load(d, "config")
+
+
+def _load_tokenizer_hf(d: Path):
+    from spectra.store import load_tokenizer
+
+    t = load_tokenizer(d, True, hf=True)  # what evaluation uses
+    t.decode(t("the fox")["input_ids"])
+
+
 def _load_train_config(d: Path):
     from spectra.train.config import load_config_file, validate
 
@@ -205,15 +218,15 @@ def _load_train_config(d: Path):
 
 # kind -> (seed directory, file to mutate, mutation, loaders)
 KINDS = {
-    "packed.json": ("pk", "packed.json", mutate_json_file, (_load_packed_noverify,)),
+    "packed.json": ("pk", "packed.json", mutate_json_file, (_load_packed_noverify, _load_store_config)),
     "packed.safetensors": ("pk", "model.safetensors", mutate_safetensors, (_load_packed, _load_packed_noverify)),
     "config.json": ("ck", "config.json", mutate_json_file, (_load_config, _load_model)),
     "model.safetensors": ("ck", "model.safetensors", mutate_safetensors, (_load_weights,)),
-    "tokenizer.json": ("ck", "tokenizer.json", mutate_json_file, (_load_tokenizer,)),
+    "tokenizer.json": ("ck", "tokenizer.json", mutate_json_file, (_load_tokenizer, _load_tokenizer_hf)),
     "train.json": (".", "train.json", mutate_json_file, (_load_train_config,)),
 }
-# Loading a whole model per case is the slow part: that loader runs on 1 case in 8.
-_SLOW_LOADERS = {_load_model}
+# Loading a whole model (or a transformers tokenizer) per case is slow: those run on 1 case in 8.
+_SLOW_LOADERS = {_load_model, _load_tokenizer_hf}
 
 
 def _case(kind: str, seed: int, i: int, src: Path, work: Path) -> tuple[Path, Path]:
