@@ -215,7 +215,7 @@ def create_app(state: ServerState) -> FastAPI:
         check_model(body, state.model_id)
         p = parse_completion(body, tokenizer=state.tokenizer, vocab_size=state.engine.vocab_size,
                              max_len=state.engine.max_len)
-        return await _run(request, p, chat=False)
+        return await run_request(state, request, p, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -224,131 +224,133 @@ def create_app(state: ServerState) -> FastAPI:
         check_model(body, state.model_id)
         p = parse_chat(body, template=state.template, tokenizer=state.tokenizer,
                        vocab_size=state.engine.vocab_size, max_len=state.engine.max_len)
-        return await _run(request, p, chat=True)
-
-    async def _run(request: HTTPRequest, p, chat: bool):
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        reqs = []
-        try:
-            for i, ids in enumerate(p.prompts):
-                cb = (lambda ev, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
-                reqs.append(state.scheduler.submit(Request(ids, p.params, cb)))
-        except QueueFull as e:
-            for r in reqs:
-                r.cancel()
-            raise APIError(429, str(e), "rate_limit_exceeded", None, "rate_limit_exceeded") from None
-        except Draining as e:
-            for r in reqs:
-                r.cancel()
-            raise APIError(503, str(e), "service_unavailable") from None
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        if p.stream:
-            return StreamingResponse(_stream(q, reqs, p, chat, rid), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(request, q, reqs, p, chat, rid)
-
-    async def _collect(request, q, reqs, p, chat, rid):
-        n = len(reqs)
-        events: list[list[TokenEvent]] = [[] for _ in range(n)]
-        texts: list[list[str]] = [[] for _ in range(n)]
-        fins: list[FinishEvent | None] = [None] * n
-        try:
-            while any(f is None for f in fins):
-                try:
-                    i, ev = await asyncio.wait_for(q.get(), 0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if isinstance(ev, TokenEvent):
-                    events[i].append(ev)
-                    texts[i].append(ev.text)
-                else:
-                    texts[i].append(ev.text)
-                    fins[i] = ev
-        finally:
-            for r in reqs:
-                r.cancel()  # no-op for finished ones; frees the slots of a vanished client
-        err = next((f for f in fins if f.reason == "error"), None)
-        if err is not None:
-            raise APIError(503 if "shutting down" in (err.error or "") else 500, err.error or "generation failed",
-                           "server_error")
-        choices = []
-        for i in range(n):
-            text, fin = "".join(texts[i]), fins[i]
-            ch = {"index": i, "finish_reason": fin.reason}
-            lp = None
-            if p.params.logprobs is not None:
-                lp = chat_logprobs(state.tokenizer, events[i]) if chat else completion_logprobs(state.tokenizer, events[i])
-            if chat:
-                ch["message"] = {"role": "assistant", "content": text}
-            else:
-                ch["text"] = text
-            ch["logprobs"] = lp
-            if p.return_token_ids:
-                ch["token_ids"] = [ev.token for ev in events[i]]
-                ch["prompt_token_ids"] = reqs[i].prompt
-            choices.append(ch)
-        pt = sum(f.prompt_tokens for f in fins)
-        ct = sum(f.completion_tokens for f in fins)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": state.model_id, "choices": choices, "usage": usage(pt, ct)}
-
-    async def _stream(q, reqs, p, chat, rid):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        created = int(time.time())
-        base = {"id": rid, "object": obj, "created": created, "model": state.model_id}
-        n, done, pt, ct = len(reqs), 0, 0, 0
-        offsets = [0] * n
-
-        def chunk(i, text, lp_events=None, finish=None, token_ids=None, first=False):
-            ch = {"index": i, "finish_reason": finish}
-            lp = None
-            if p.params.logprobs is not None and lp_events:
-                lp = (chat_logprobs(state.tokenizer, lp_events) if chat
-                      else completion_logprobs(state.tokenizer, lp_events, offsets[i]))
-            if chat:
-                ch["delta"] = ({"role": "assistant", "content": text} if first else
-                               ({"content": text} if text or finish is None else {}))
-            else:
-                ch["text"] = text
-            ch["logprobs"] = lp
-            if token_ids is not None:
-                ch["token_ids"] = token_ids
-            return dict(base, choices=[ch])
-
-        try:
-            if chat:
-                for i in range(n):
-                    yield _sse(chunk(i, "", first=True))
-            while done < n:
-                i, ev = await q.get()
-                if isinstance(ev, TokenEvent):
-                    if not ev.text and p.params.logprobs is None and not p.return_token_ids:
-                        continue  # held-back text: nothing to show yet
-                    yield _sse(chunk(i, ev.text, [ev], token_ids=[ev.token] if p.return_token_ids else None))
-                    offsets[i] += len(ev.text)
-                    continue
-                done += 1
-                if ev.reason == "error":
-                    err = APIError(503, ev.error or "generation failed", "server_error")
-                    yield _sse(err.body())
-                    for r in reqs:
-                        r.cancel()
-                    break
-                pt += ev.prompt_tokens
-                ct += ev.completion_tokens
-                yield _sse(chunk(i, ev.text, finish=ev.reason))
-            else:
-                if p.include_usage:
-                    yield _sse(dict(base, choices=[], usage=usage(pt, ct)))
-            yield "data: [DONE]\n\n"
-        finally:
-            for r in reqs:
-                r.cancel()  # a client that hung up frees its slot at the next step
+        return await run_request(state, request, p, chat=True)
 
     return app
+
+
+async def run_request(state: ServerState, request: HTTPRequest, p, chat: bool):
+    """Submit every prompt of a parsed request; a JSON body, or an SSE stream with ``stream=true``."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    reqs = []
+    try:
+        for i, ids in enumerate(p.prompts):
+            cb = (lambda ev, i=i: loop.call_soon_threadsafe(q.put_nowait, (i, ev)))
+            reqs.append(state.scheduler.submit(Request(ids, p.params, cb)))
+    except QueueFull as e:
+        for r in reqs:
+            r.cancel()
+        raise APIError(429, str(e), "rate_limit_exceeded", None, "rate_limit_exceeded") from None
+    except Draining as e:
+        for r in reqs:
+            r.cancel()
+        raise APIError(503, str(e), "service_unavailable") from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if p.stream:
+        return StreamingResponse(_stream(state, q, reqs, p, chat, rid), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(state, request, q, reqs, p, chat, rid)
+
+async def _collect(state: ServerState, request: HTTPRequest, q, reqs, p, chat: bool, rid: str):
+    n = len(reqs)
+    events: list[list[TokenEvent]] = [[] for _ in range(n)]
+    texts: list[list[str]] = [[] for _ in range(n)]
+    fins: list[FinishEvent | None] = [None] * n
+    try:
+        while any(f is None for f in fins):
+            try:
+                i, ev = await asyncio.wait_for(q.get(), 0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({}, status_code=499)
+                continue
+            if isinstance(ev, TokenEvent):
+                events[i].append(ev)
+                texts[i].append(ev.text)
+            else:
+                texts[i].append(ev.text)
+                fins[i] = ev
+    finally:
+        for r in reqs:
+            r.cancel()  # no-op for finished ones; frees the slots of a vanished client
+    err = next((f for f in fins if f.reason == "error"), None)
+    if err is not None:
+        raise APIError(503 if "shutting down" in (err.error or "") else 500, err.error or "generation failed",
+                       "server_error")
+    choices = []
+    for i in range(n):
+        text, fin = "".join(texts[i]), fins[i]
+        ch = {"index": i, "finish_reason": fin.reason}
+        lp = None
+        if p.params.logprobs is not None:
+            lp = chat_logprobs(state.tokenizer, events[i]) if chat else completion_logprobs(state.tokenizer, events[i])
+        if chat:
+            ch["message"] = {"role": "assistant", "content": text}
+        else:
+            ch["text"] = text
+        ch["logprobs"] = lp
+        if p.return_token_ids:
+            ch["token_ids"] = [ev.token for ev in events[i]]
+            ch["prompt_token_ids"] = reqs[i].prompt
+        choices.append(ch)
+    pt = sum(f.prompt_tokens for f in fins)
+    ct = sum(f.completion_tokens for f in fins)
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": state.model_id, "choices": choices, "usage": usage(pt, ct)}
+
+async def _stream(state: ServerState, q, reqs, p, chat: bool, rid: str):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    created = int(time.time())
+    base = {"id": rid, "object": obj, "created": created, "model": state.model_id}
+    n, done, pt, ct = len(reqs), 0, 0, 0
+    offsets = [0] * n
+
+    def chunk(i, text, lp_events=None, finish=None, token_ids=None, first=False):
+        ch = {"index": i, "finish_reason": finish}
+        lp = None
+        if p.params.logprobs is not None and lp_events:
+            lp = (chat_logprobs(state.tokenizer, lp_events) if chat
+                  else completion_logprobs(state.tokenizer, lp_events, offsets[i]))
+        if chat:
+            ch["delta"] = ({"role": "assistant", "content": text} if first else
+                           ({"content": text} if text or finish is None else {}))
+        else:
+            ch["text"] = text
+        ch["logprobs"] = lp
+        if token_ids is not None:
+            ch["token_ids"] = token_ids
+        return dict(base, choices=[ch])
+
+    try:
+        if chat:
+            for i in range(n):
+                yield _sse(chunk(i, "", first=True))
+        while done < n:
+            i, ev = await q.get()
+            if isinstance(ev, TokenEvent):
+                if not ev.text and p.params.logprobs is None and not p.return_token_ids:
+                    continue  # held-back text: nothing to show yet
+                yield _sse(chunk(i, ev.text, [ev], token_ids=[ev.token] if p.return_token_ids else None))
+                offsets[i] += len(ev.text)
+                continue
+            done += 1
+            if ev.reason == "error":
+                err = APIError(503, ev.error or "generation failed", "server_error")
+                yield _sse(err.body())
+                for r in reqs:
+                    r.cancel()
+                break
+            pt += ev.prompt_tokens
+            ct += ev.completion_tokens
+            yield _sse(chunk(i, ev.text, finish=ev.reason))
+        else:
+            if p.include_usage:
+                yield _sse(dict(base, choices=[], usage=usage(pt, ct)))
+        yield "data: [DONE]\n\n"
+    finally:
+        for r in reqs:
+            r.cancel()  # a client that hung up frees its slot at the next step
 
 
 def build_asgi(state: ServerState):
