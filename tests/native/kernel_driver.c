@@ -6,6 +6,7 @@
  *
  *   matmul  random ternary matrices, formats t2 / t1, mp 1/2/3/6 column- and row-parallel splits,
  *           padded k, rows not a multiple of 4, T = 1..37 activation rows, int8 and int8x2
+ *           (k = 2560: several cache-blocking chunks of row groups and of activation rows),
  *           activations, 1 and 3 threads: every path == scalar (memcmp); a row alone == the same row
  *           inside T = 37; scalar == a float64 evaluation of the same integer dots (the packer here
  *           and the kernel's decoders agree).
@@ -107,7 +108,8 @@ static double ref_out(const test_mat *t, const int8_t *q, const float *d, int nl
 }
 
 static void test_matmuls(const int *kernels, int nk) {
-    static const int shapes[][4] = {{37, 512, 1, 0}, {48, 768, 3, 1}, {36, 1536, 6, 1}, {42, 300, 2, 0}, {30, 384, 3, 1}, {21, 1280, 2, 1}};
+    static const int shapes[][4] = {{37, 512, 1, 0}, {48, 768, 3, 1}, {36, 1536, 6, 1}, {42, 300, 2, 0}, {30, 384, 3, 1}, {21, 1280, 2, 1},
+                                      {132, 2560, 2, 1}};  /* several cache-blocking chunks of row groups and of T */
     static const int Ts[] = {1, 2, 3, 5, 8, 37};
     int n_cmp = 0;
     for (int fmt = 2; fmt >= 1; fmt--)
