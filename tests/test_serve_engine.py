@@ -223,6 +223,10 @@ def test_cancel_queue_full_and_drain(eng):
     rs[0].cancel()
     s._iteration()  # the cancelled request leaves, its slot goes to the first waiting one
     assert s.active == 2 and s.queue_len == 1 and rs[0].done and eng.active == 2
+    extra = s.submit(Request(PROMPTS[0], Params(5), events.put))
+    extra.cancel()  # a waiting client hangs up: its queue place is free at the next step
+    s._iteration()
+    assert s.queue_len == 1 and extra.done
     s.drain(0.0)
     with pytest.raises(Draining):
         s.submit(Request(PROMPTS[0], Params(5), events.put))
@@ -231,7 +235,7 @@ def test_cancel_queue_full_and_drain(eng):
     assert s.active == 0 and eng.active == 0
     fins = [e for e in iter(lambda: events.get_nowait() if not events.empty() else None, None)
             if isinstance(e, FinishEvent)]
-    assert sorted(f.reason for f in fins) == ["abort", "error", "error", "error"]
+    assert sorted(f.reason for f in fins) == ["abort", "abort", "error", "error", "error"]
 
 
 def test_scheduler_thread_survives_concurrent_clients(eng):

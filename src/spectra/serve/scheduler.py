@@ -264,13 +264,15 @@ class Scheduler:
 
     def _admit(self) -> None:
         with self._cv:
-            while self._waiting and len(self._running) < self.parallel:
-                r = self._waiting[0]
-                if r.cancelled:
-                    self._waiting.popleft()
+            if any(r.cancelled for r in self._waiting):  # hung-up clients give their queue places back
+                gone = [r for r in self._waiting if r.cancelled]
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+                for r in gone:
+                    r.done = True
                     self._send(r, FinishEvent("abort", prompt_tokens=len(r.prompt)))
                     self.metrics.requests.inc(label="abort")
-                    continue
+            while self._waiting and len(self._running) < self.parallel:
+                r = self._waiting[0]
                 try:
                     r.slot = self.engine.acquire()
                 except SpectraError:
