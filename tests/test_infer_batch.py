@@ -267,3 +267,26 @@ def test_load_batch_engine_native(odd):
     single = load_engine(odd["dir"] / "t2", "native", max_len=32, n_threads=1)
     assert np.array_equal(eng.step([(s, PROMPTS[2])])[0], single.forward(PROMPTS[2]))
     eng.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only (/proc, madvise)")
+def test_release_returns_kv_memory(odd):
+    """A released slot hands its KV pages back: a server's memory follows the live sequences."""
+    eng = NativeBatchEngine(odd["t2"], max_seqs=2, max_len=2048, n_threads=1, max_step_tokens=512)
+    per_slot = 2 * 4 * 2 * 3 * 64 * 2048  # K and V, 2 layers x 3 heads x 64 x 2048 positions, fp32: 6 MiB
+    a = eng.acquire()
+    r0 = _rss()
+    for i in range(4):
+        eng.step([(a, [(7 * i + j) % VOCAB for j in range(512)])])
+    r1 = _rss()
+    assert r1 - r0 > per_slot * 0.6  # the cache was touched
+    eng.release(a)
+    assert r1 - _rss() > per_slot * 0.6  # ... and given back
+    b = eng.acquire()
+    assert eng.length(b) == 0 and eng.step([(b, [1, 2])]).shape == (1, VOCAB)
+    eng.close()

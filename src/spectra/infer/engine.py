@@ -195,11 +195,11 @@ class NativeBatchEngine:
             return slot
 
     def release(self, slot: int) -> None:
-        """Give a slot back (its cache is dropped)."""
+        """Give a slot back (its cache is dropped and its memory returned to the OS)."""
         with self._lock:
             self._alive()
             slot = self._check_slot(slot)
-            self._c(self.lib.spx_slot_set_len(self._state, slot, 0), "release")
+            self._c(self.lib.spx_slot_release(self._state, slot), "release")
             self._used.discard(slot)
             self._free.append(slot)
             self._free.sort(reverse=True)

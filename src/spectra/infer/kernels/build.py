@@ -136,6 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spx_state_max_seqs.argtypes, lib.spx_state_max_seqs.restype = [P], I
     lib.spx_slot_len.argtypes, lib.spx_slot_len.restype = [P, I], I
     lib.spx_slot_set_len.argtypes, lib.spx_slot_set_len.restype = [P, I, I], I
+    lib.spx_slot_release.argtypes, lib.spx_slot_release.restype = [P, I], I
     lib.spx_step.argtypes, lib.spx_step.restype = [P, I, P, P, P, P, I], I
     lib.spx_matmul.argtypes, lib.spx_matmul.restype = [ctypes.POINTER(Mat), P, I, P, I, I, I], I
     lib.spx_quantize.argtypes, lib.spx_quantize.restype = [P, I, I, I, I, I, P, P, P, I], I

@@ -30,6 +30,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/mman.h> /* madvise: a released slot returns its KV-cache pages */
+#include <unistd.h>
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define SPX_X86 1
@@ -420,6 +424,32 @@ int spx_best_kernel(void) {
 
 static int kp_of(int k) { return (k + QK - 1) / QK * QK; }
 
+/* KV caches: anonymous mmap on Linux (zero pages on demand; calloc may instead take heap memory
+ * and memset all of it, making every slot resident at once), calloc elsewhere. */
+static float *kv_alloc(size_t n) {
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    if (n == 0) return NULL;
+    void *p = mmap(NULL, n * 4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : (float *)p;
+#else
+    return calloc(n, 4);
+#endif
+}
+
+static void kv_free(float *p, size_t n) {
+    if (!p) return;
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    munmap(p, n * 4);
+#else
+    (void)n;
+    free(p);
+#endif
+}
+
+static size_t kv_floats(const spx_state *s) {
+    return (size_t)s->max_seqs * s->m->n_layers * s->m->n_heads * s->max_len * s->m->head_dim;
+}
+
 /* Error codes of the entry points (spectra.infer.engine turns them into messages). */
 enum { SPX_EROWS = -1, SPX_EFULL = -2, SPX_ETOKEN = -3, SPX_ESLOT = -6, SPX_EDUP = -7, SPX_EARG = -8 };
 
@@ -428,14 +458,14 @@ void spx_state_free(spx_state *s) {
     pool_free(s->pool);
     free(s->x); free(s->xn); free(s->q); free(s->kk); free(s->v); free(s->att);
     free(s->g); free(s->u); free(s->h); free(s->scores); free(s->xq); free(s->xd); free(s->xs);
-    free(s->kcache); free(s->vcache);
+    kv_free(s->kcache, kv_floats(s)); kv_free(s->vcache, kv_floats(s));
     free(s->slot_len); free(s->row_slot); free(s->row_pos); free(s->out_rows); free(s->seen);
     free(s);
 }
 
 /* A state for up to max_seqs sequences of max_len positions, steps of up to max_t rows.
  * NULL on bad arguments or when memory (or a thread) cannot be had; nothing leaks. The KV cache is
- * calloc'd: untouched positions cost address space, not resident memory. */
+ * mapped on demand: untouched positions cost address space, not resident memory. */
 spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seqs, int n_threads, int kernel,
                          int act_levels) {
     if (!m || act_levels < 1 || act_levels > 2) return NULL;
@@ -469,8 +499,7 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seq
     s->xq = aligned_alloc(64, (NT * 2 * T * maxk + 63) / 64 * 64 + 64);
     s->xd = calloc(NT * 2 * T * s->max_nb, 4);
     s->xs = calloc(NT * 2 * T * s->max_nb, 4);
-    size_t kv = (size_t)max_seqs * m->n_layers * m->n_heads * max_len * m->head_dim;
-    s->kcache = calloc(kv, 4); s->vcache = calloc(kv, 4);
+    s->kcache = kv_alloc(kv_floats(s)); s->vcache = kv_alloc(kv_floats(s));
     s->slot_len = calloc((size_t)max_seqs, 4); s->seen = calloc((size_t)max_seqs, 1);
     s->row_slot = calloc(T, 4); s->row_pos = calloc(T, 4); s->out_rows = calloc(T, 4);
     if (!s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
@@ -498,6 +527,30 @@ int spx_slot_set_len(spx_state *s, int slot, int n) {
     if (slot < 0 || slot >= s->max_seqs) return SPX_ESLOT;
     if (n < 0 || n > s->slot_len[slot]) return SPX_EARG;
     s->slot_len[slot] = n;
+    return 0;
+}
+
+/* Empty a slot and hand its KV-cache pages back to the OS (Linux MADV_DONTNEED: the next touch
+ * gets zero pages), so a server's resident memory follows the sequences alive, not the longest
+ * ones ever served. Only whole pages inside the slot's own region are dropped; positions are
+ * never read before they are written, so the contents do not matter. */
+static void drop_pages(float *base, size_t bytes) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    uintptr_t a = (uintptr_t)base, e = a + bytes, pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    a = (a + pg - 1) / pg * pg;
+    e = e / pg * pg;
+    if (e > a) madvise((void *)a, e - a, MADV_DONTNEED);
+#else
+    (void)base; (void)bytes;
+#endif
+}
+
+int spx_slot_release(spx_state *s, int slot) {
+    if (slot < 0 || slot >= s->max_seqs) return SPX_ESLOT;
+    size_t per = (size_t)s->m->n_layers * s->m->n_heads * s->max_len * s->m->head_dim;
+    drop_pages(s->kcache + (size_t)slot * per, per * 4);
+    drop_pages(s->vcache + (size_t)slot * per, per * 4);
+    s->slot_len[slot] = 0;
     return 0;
 }
 
