@@ -170,3 +170,25 @@ def test_genuine_state_still_resumes(data_dir, trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": "auto"}))
     assert [s for s, _ in list_checkpoints(run)][-1] == 3
+
+
+@pytest.mark.parametrize("state", ["[]", "{}", '{"files": {"../../etc/passwd": 1}}', "\xff not json",
+                                   '{"files": {"model.safetensors": "big"}}'])
+def test_garbage_state_json_is_an_incomplete_checkpoint(data_dir, trained, tmp_path, state):
+    run = _copy_run(trained, tmp_path)
+    ckpt = list_checkpoints(run)[-1][1]
+    (ckpt / "train_state" / "state.json").write_text(state, encoding="utf-8", errors="surrogateescape")
+    assert list_checkpoints(run) == []  # ignored by discovery, no traceback
+    with pytest.raises(SpectraError, match="is incomplete"):
+        train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": str(ckpt)}))
+
+
+def test_state_json_without_loader_is_refused(data_dir, trained, tmp_path):
+    run = _copy_run(trained, tmp_path)
+    ckpt = list_checkpoints(run)[-1][1]
+    st_file = ckpt / "train_state" / "state.json"
+    st = json.loads(st_file.read_text())
+    del st["loader"]
+    st_file.write_text(json.dumps(st))
+    with pytest.raises(SpectraError, match="lacks a valid step/loader/scaler"):
+        train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": "auto"}))

@@ -64,21 +64,33 @@ def _state_file(path: Path) -> Path:
 
 
 def read_state(path: str | Path) -> dict:
-    return json.loads(_state_file(Path(path)).read_text())
+    f = _state_file(Path(path))
+    try:
+        st = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SpectraError(f"cannot read '{f}': {e}; pick another checkpoint") from None
+    if not isinstance(st, dict):
+        raise SpectraError(f"'{f}' is not a JSON object; pick another checkpoint")
+    return st
 
 
 def is_complete(path: str | Path) -> bool:
-    """state.json present and every file it lists has the recorded size."""
+    """state.json present and every file it lists (inside the checkpoint) has the recorded size."""
     path = Path(path)
     try:
         st = read_state(path)
-    except (OSError, json.JSONDecodeError):
+    except SpectraError:
         return False
-    for rel, size in st.get("files", {}).items():
+    files = st.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for rel, size in files.items():
         f = path / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not isinstance(size, int):
+            return False
         if not f.is_file() or f.stat().st_size != size:
             return False
-    return bool(st.get("files"))
+    return True
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -218,6 +230,11 @@ def load_train_state(path: Path, model, optimizer, d) -> dict:
 
     if not is_complete(path):
         raise SpectraError(f"checkpoint '{path}' is incomplete (no valid train_state/state.json); pick another or use --resume auto")
+    st = read_state(path)
+    step = st.get("step")
+    if not (isinstance(step, int) and step >= 0 and isinstance(st.get("loader"), dict)
+            and isinstance(st.get("scaler"), dict)):
+        raise SpectraError(f"'{_state_file(Path(path))}' lacks a valid step/loader/scaler; pick another checkpoint")
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     safe_dcp.load(state, path / "train_state" / "dcp")  # never dcp.load: it unpickles the index (docs/security.md)
@@ -230,7 +247,7 @@ def load_train_state(path: Path, model, optimizer, d) -> dict:
         torch.set_rng_state(r["cpu"])
         if "cuda" in r and torch.cuda.is_available():
             torch.cuda.set_rng_state(r["cuda"])
-    return read_state(path)
+    return st
 
 
 def link_or_copy_model(src: Path, dst: Path) -> Path:
