@@ -143,3 +143,10 @@ def test_train_out_policy(data_dir, tmp_path):
     with pytest.raises(SpectraError, match="inside the input directory"):
         train(_cfg(data_dir, Path(data_dir) / "run", **{"schedule.steps": 1}))
     assert (foreign / "notes.txt").read_text() == "mine" and not (Path(data_dir) / "run").exists()
+
+
+def test_unusable_place_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")  # a parent that is a file: fails for root too
+    with pytest.raises(SpectraError, match="choose a writable place"):
+        with output_lock(tmp_path / "afile" / "out", "spectra pack"):
+            pass

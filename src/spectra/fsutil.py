@@ -332,9 +332,13 @@ def output_lock(path: str | os.PathLike, command: str, wait: bool = False) -> It
 
     path = Path(path)
     lock = path.parent / f".{path.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SpectraError(f"--out '{path}': cannot create '{lock}' ({e.strerror or e}); "
+                               "choose a writable place") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
