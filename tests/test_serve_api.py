@@ -301,3 +301,25 @@ def test_non_streaming_client_that_hangs_up_is_cancelled(models):
     state.scheduler._iteration()
     assert state.scheduler.queue_len == 0 and eng.active == 0
     assert state.metrics.requests.value("abort") == 1
+
+
+def test_model_without_tokenizer_serves_token_ids(models, tmp_path):
+    import shutil
+
+    d = tmp_path / "notok"
+    shutil.copytree(models["ck"], d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (d / f).unlink(missing_ok=True)
+    s = LiveServer(d, "torch")
+    try:
+        c = s.client()
+        r = c.completions.create(model="tiny", prompt=[3, 4, 5], max_tokens=3, temperature=0, logprobs=1,
+                                 extra_body={"return_token_ids": True, "ignore_eos": True})
+        assert r.choices[0].text == "" and len(r.choices[0].model_extra["token_ids"]) == 3
+        assert r.choices[0].logprobs.tokens[0].startswith("token_id:")
+        with pytest.raises(openai.BadRequestError, match="no tokenizer"):
+            c.completions.create(model="tiny", prompt="text", max_tokens=3)
+        with pytest.raises(openai.BadRequestError, match="no tokenizer"):
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    finally:
+        s.close()

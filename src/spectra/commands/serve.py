@@ -12,14 +12,22 @@ def register(sub) -> None:
     p.add_argument("--max-len", type=int, default=None, help="context per sequence, prompt + completion (default: the model's)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all available cores)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPECTRA_API_KEY)")
-    p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
-                   help="auto: native engine for packed directories, PyTorch otherwise")
+    from spectra.infer.backends import BACKENDS, CHOICES  # the backend table (no numpy/torch at import)
+
+    p.add_argument("--backend", default="auto", choices=CHOICES,
+                   help="auto (default: the first that fits and runs here); "
+                   + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--max-step-tokens", type=int, default=256,
                    help="tokens per engine step (decode rows + prompt chunks; default 256)")
     p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes (413 past it)")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds running requests get to finish after SIGTERM (default 5)")
+    p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avx512", "neon", "i8mm"],
+                   help="native code path (default: $SPECTRA_KERNEL or the best the CPU supports)")
+    p.add_argument("--act", default="int8x2", choices=["int8x2", "int8"],
+                   help="native activation quantization (as spectra generate; default int8x2)")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksum check of a packed file")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -35,5 +43,6 @@ def run(args) -> int:
         raise SpectraError(f"spectra serve needs the 'serve' extra ({e.name} missing): pip install 'spectra-lm[serve]'") from None
     cfg = ServeConfig(args.model, args.host, args.port, args.parallel, args.max_len, args.threads,
                       api_key_from_env(args.api_key), args.backend, args.max_queue, args.max_step_tokens, args.max_body,
-                      args.drain_timeout, args.served_model_name, args.access_log, args.log_level)
+                      args.drain_timeout, args.served_model_name, args.access_log, args.log_level,
+                      args.kernel, args.act, not args.no_verify)
     return serve(cfg)

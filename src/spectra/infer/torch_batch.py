@@ -32,29 +32,14 @@ _MIN_CAPACITY = 64
 
 
 def load_torch_model(path: str | Path) -> tuple[Transformer, int | None]:
-    """(model, eos id) of a packed TriLM (its exact torch reference), a QuantLM dir, or any spectra/HF Llama dir."""
-    from spectra.infer.packed_model import PackedModel, is_packed_dir
+    """(model, eos id) of any loadable directory (spectra.store): a packed TriLM as its exact torch reference,
+    a QuantLM dequantized, any spectra / HF Llama checkpoint."""
+    from spectra.store import load
 
-    path = Path(path)
-    if not path.is_dir():
-        raise SpectraError(f"model '{path}' is not a directory (expected a spectra/HF Llama checkpoint or a packed directory)")
-    if is_packed_dir(path):
-        from spectra.infer.engine import reference_model
-
-        pm = PackedModel.load(path)
-        return reference_model(pm), pm.meta.get("eos_token_id")
-    from spectra.quant.api import is_packed_gptq
-
-    if is_packed_gptq(path):
-        from spectra.quant.api import load_quantized
-
-        model, d = load_quantized(path)
-    else:
-        from spectra.checkpoint import load_model
-
-        model, d = load_model(path)
-    eos = d.get("eos_token_id")
-    return model.eval(), (eos[0] if isinstance(eos, list) else eos)
+    meta = load(path, "meta")  # packed.json or config.json, checked
+    eos = meta.get("eos_token_id") if isinstance(meta, dict) else None
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return load(path, "model").eval(), (eos if isinstance(eos, int) and not isinstance(eos, bool) else None)
 
 
 class TorchBatchEngine:

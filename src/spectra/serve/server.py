@@ -9,7 +9,6 @@ an error event; the process exits within ``drain_timeout + 2`` seconds.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -41,6 +40,9 @@ class ServeConfig:
     served_model_name: str | None = None
     access_log: bool = False
     log_level: str = "info"
+    kernel: str | None = None  # native only: code path (default: the best the CPU supports)
+    act: str = "int8x2"  # native only: activation quantization (as spectra generate)
+    verify: bool = True  # native only: checksum the packed file at load
 
     def validate(self) -> "ServeConfig":
         for name in ("parallel", "max_queue", "max_step_tokens", "max_body"):
@@ -71,35 +73,38 @@ def is_loopback(host: str) -> bool:
 
 def model_eos(path: Path) -> int | None:
     """End-of-text id from packed.json or config.json (None when the model names none)."""
-    for name, key in (("packed.json", "eos_token_id"), ("config.json", "eos_token_id")):
-        f = path / name
-        if f.is_file():
-            try:
-                v = json.loads(f.read_text()).get(key)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return None
-            v = v[0] if isinstance(v, list) and v else v
-            return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
-    return None
+    from spectra.store import load
+
+    meta = load(path, "meta")
+    v = meta.get("eos_token_id") if isinstance(meta, dict) else None
+    v = v[0] if isinstance(v, list) and v else v
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def load_into(state: ServerState, cfg: ServeConfig, engine=None) -> None:
     """Load engine, tokenizer, chat template; start the scheduler; mark the state ready."""
-    from spectra.infer.batch import load_batch_engine
-    from spectra.infer.generate import load_tokenizer
     from spectra.serve.chat import ChatTemplate
+    from spectra.store.tokenizer import load_tokenizer
     from spectra.serve.scheduler import Scheduler
 
     path = Path(cfg.model)
     if engine is None:
-        engine = load_batch_engine(path, cfg.backend, max_seqs=cfg.parallel, max_len=cfg.max_len,
-                                   n_threads=cfg.threads, max_step_tokens=max(cfg.max_step_tokens, cfg.parallel))
+        engine = open_engine(cfg)
     state.engine = engine
-    state.tokenizer = load_tokenizer(path)
+    state.tokenizer = load_tokenizer(path, required=False)  # none: token-id prompts only
     state.template = ChatTemplate.for_model(path)
     state.scheduler = Scheduler(engine, state.tokenizer, model_eos(path), cfg.parallel, cfg.max_queue,
                                 state.metrics).start()
     state.ready = True
+
+
+def open_engine(cfg: ServeConfig):
+    """The batch engine from the backend table: native for a packed directory (auto falls back to torch)."""
+    from spectra.infer.backends import open_batch_engine
+
+    return open_batch_engine(cfg.model, cfg.backend, max_seqs=cfg.parallel, max_len=cfg.max_len,
+                             n_threads=cfg.threads, max_step_tokens=max(cfg.max_step_tokens, cfg.parallel),
+                             kernel=cfg.kernel, act=cfg.act, verify=cfg.verify)
 
 
 def bind(host: str, port: int) -> socket.socket:
