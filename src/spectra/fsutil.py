@@ -256,6 +256,13 @@ def marker_for(path: Path, directory: Path) -> None:
         write_marker(directory, cmd)
 
 
+def _owned(owned, out: Path) -> bool:
+    try:
+        return bool(owned and owned(out))
+    except OSError:  # unreadable: not known to be ours
+        return False
+
+
 def check_output(out, command: str, *, inputs=(), force: bool = False, file: bool = False,
                  owned=None, inside_input_ok: bool = False, can_force: bool = True) -> Path:
     """The ``--out`` policy, one place for every command (docs/security.md).
@@ -291,14 +298,14 @@ def check_output(out, command: str, *, inputs=(), force: bool = False, file: boo
     if file:
         if out.is_dir():
             raise SpectraError(f"--out '{out}' is a directory; {flag} writes a file: give a file path")
-        if out.exists() and not force and not (owned and owned(out)):
+        if out.exists() and not force and not _owned(owned, out):
             raise SpectraError(f"--out '{out}' is an existing file that {flag} did not write; "
                                f"refusing to replace it ({fix})")
     elif out.exists():
         if not out.is_dir():
             raise SpectraError(f"--out '{out}' is an existing file; {flag} writes a directory: "
                                "choose another --out (a file is never replaced by a directory)")
-        ours = read_marker(out) == command or bool(owned and owned(out))
+        ours = read_marker(out) == command or _owned(owned, out)
         if not ours and not force and any(p.name != MARKER for p in out.iterdir()):
             raise SpectraError(f"--out '{out}' is a non-empty directory that {flag} did not write; "
                                f"refusing to replace it ({fix})")
