@@ -129,11 +129,13 @@ def fetch(tasks: str, out_dir: str | Path, log=print) -> dict:
     if bad:
         raise SpectraError(f"task '{bad[0]}' has no local layout; fetchable tasks: {', '.join(LOCAL)} "
                            "(groups spectra6, spectra13)")
+    try:
+        import datasets
+    except ImportError:
+        raise SpectraError("spectra tasks fetch needs the 'datasets' package: pip install 'spectra-lm[eval]'") from None
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     man = read_manifest(out)
-    import datasets
-
     man.update({"format": 1, "datasets_version": datasets.__version__})
     for t in names:
         t0 = time.perf_counter()

@@ -294,7 +294,8 @@ def write_local_tasks(tasks: list[str], data_dir: str | Path, out_dir: str | Pat
                                f"(run without --task-data to use the hub dataset)")
         src = task_file(data_dir, t)
         if src is None:
-            msg = f"{data_dir / spec.files[0]} not found; expected JSON Lines rows {spec.schema}"
+            msg = (f"{data_dir / spec.files[0]} not found; expected JSON Lines rows {spec.schema} "
+                   f"(`spectra tasks fetch --tasks {t} --dir {data_dir}` downloads it)")
             if t in explicit:
                 raise SpectraError(f"task '{t}': {msg}")
             skipped[t] = f"no local data: {msg}"
