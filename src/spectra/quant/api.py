@@ -120,7 +120,8 @@ def save_quantized(model, qstate: dict[str, QuantResult], out_dir: str | Path, s
     checkpoint dequantizes to.
     """
     from spectra.store import save_model
-    from spectra.fsutil import atomic_write_json
+    from spectra.store.names import PACKED_SUFFIX
+    from spectra.fsutil import atomic_dir, atomic_write_json
 
     meta = {"bits": spec.bits, "group_size": spec.group_size, "method": spec.method, **(meta or {})}
     sd = {}
@@ -131,12 +132,13 @@ def save_quantized(model, qstate: dict[str, QuantResult], out_dir: str | Path, s
     if missing:
         raise SpectraError(f"quantized state names unknown to the model: {sorted(missing)[:3]}")
     out = Path(out_dir)
-    save_model(model, out, "quantlm", dtype=dtype, meta=meta, tokenizer=tokenizer, state_dict=sd)
-    if report is not None:
-        atomic_write_json(out / REPORT_FILE, report)
+    with atomic_dir(out) as tmp:  # the report goes in before the swap, like every file (docs/security.md)
+        save_model(model, tmp, "quantlm", dtype=dtype, meta=meta, tokenizer=tokenizer, state_dict=sd)
+        if report is not None:
+            atomic_write_json(tmp / REPORT_FILE, report)
     paths = {"unpacked": out}
     if packed:
-        paths["packed"] = save_packed(model, qstate, out.parent / f"{out.name}-packed", spec, dtype=dtype, meta=meta,
+        paths["packed"] = save_packed(model, qstate, out.parent / f"{out.name}{PACKED_SUFFIX}", spec, dtype=dtype, meta=meta,
                                       tokenizer=tokenizer, checkpoint_format=checkpoint_format, report=report)
     return paths
 
