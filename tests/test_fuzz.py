@@ -64,6 +64,11 @@ def make_seeds(d: Path) -> Path:
     ck = save_model(to_ternary(Transformer(get_preset("nano").model).init_weights(7), 1), d / "ck", "trilm",
                     tokenizer=d / "tokenizer.json")
     write_packed(ck, d / "pk", "t2", "f16", progress=False)
+    fl = save_model(Transformer(get_preset("nano").model).init_weights(8), d / "fl", "floatlm")
+    from spectra.cli import main
+
+    assert main(["quantize", str(fl), "--method", "rtn", "--bits", "4", "--out", str(d / "q")]) == 0
+    shutil.copytree(next(p for p in (d / "q").iterdir() if p.name.endswith("-packed")), d / "qp")
     (d / "train.json").write_text(json.dumps({"model": {"preset": "nano", "family": "trilm"},
                                               "schedule": {"steps": 10, "warmup": 0.1},
                                               "optim": {"lr": 1e-3, "clip": 1.0}, "batch": {"micro_batch": 4}}))
@@ -210,6 +215,12 @@ def _load_tokenizer_hf(d: Path):
     t.decode(t("the fox")["input_ids"])
 
 
+def _load_quantlm(d: Path):
+    from spectra.quant.api import read_packed_state
+
+    read_packed_state(d)
+
+
 def _load_train_config(d: Path):
     from spectra.train.config import load_config_file, validate
 
@@ -224,6 +235,8 @@ KINDS = {
     "model.safetensors": ("ck", "model.safetensors", mutate_safetensors, (_load_weights,)),
     "tokenizer.json": ("ck", "tokenizer.json", mutate_json_file, (_load_tokenizer, _load_tokenizer_hf)),
     "train.json": (".", "train.json", mutate_json_file, (_load_train_config,)),
+    "quantize_config.json": ("qp", "quantize_config.json", mutate_json_file, (_load_quantlm,)),
+    "quantlm.safetensors": ("qp", "model.safetensors", mutate_safetensors, (_load_quantlm,)),
 }
 # Loading a whole model (or a transformers tokenizer) per case is slow: those run on 1 case in 8.
 _SLOW_LOADERS = {_load_model, _load_tokenizer_hf}

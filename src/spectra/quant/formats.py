@@ -30,7 +30,6 @@ the same function as :func:`spectra.quant.rtn.dequantize`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -162,16 +161,20 @@ def quantize_config(bits: int, group_size: int, *, act_order: bool, static_group
 
 
 def read_quantize_config(path: str | Path) -> dict:
+    from spectra.validate import read_json_object  # UTF-8 JSON object or one line naming the file
+
     path = Path(path)
     f = path / QUANTIZE_CONFIG
     if f.exists():
-        qc = json.loads(f.read_text())
+        qc = read_json_object(f, QUANTIZE_CONFIG)
     else:
         cfg = path / "config.json"
-        qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.exists() else None
+        qc = read_json_object(cfg, "config.json").get("quantization_config") if cfg.exists() else None
         if not qc:
             raise SpectraError(f"'{path}' is not a packed GPTQ checkpoint: no {QUANTIZE_CONFIG} "
                                f"and no quantization_config in config.json")
+        if not isinstance(qc, dict):
+            raise SpectraError(f"{cfg}: 'quantization_config' must be an object")
     bits = qc.get("bits")
     if bits not in SUPPORTED_BITS:
         raise SpectraError(f"{path}: quantize_config bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
