@@ -498,3 +498,17 @@ def test_torch_engine_checks_token_ids(nano):
         with pytest.raises(SpectraError, match="vocabulary"):
             eng.forward(bad)
     assert eng.pos == 0 and eng.forward([1, 2]).shape == (4096,)
+
+
+def test_train_huge_model_refused_before_allocating(tmp_path, capsys):
+    """Finding 4/7: a model far larger than memory (within the per-field limits) was an allocation
+    failure or the OOM killer; now one line before the run directory exists."""
+    from spectra.data import build_dataset
+
+    src = tmp_path / "c.txt"
+    src.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    data = build_dataset(str(src), tmp_path / "d", vocab_size=300, progress=False)
+    msg = in_process(capsys, "train", "--preset", "nano", "--data", data, "--out", tmp_path / "run", "--steps", "1",
+                     "model.dim=16384", "model.n_heads=128", "model.ffn_dim=65536", "model.n_layers=64")
+    assert "GiB" in msg and "parameter" in msg
+    assert not (tmp_path / "run" / "train_config.json").exists()

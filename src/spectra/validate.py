@@ -366,3 +366,13 @@ def check_finite_weights(tensors: dict, source: str, what: str = "quantized") ->
             if bool(bad.any()):
                 raise SpectraError(f"{source}: tensor '{name}' holds {int(bad.sum())} NaN/Inf values; it cannot be "
                                    f"{what} (re-export or fix the checkpoint)")
+
+
+def check_training_memory(cfg, what: str = "training") -> None:
+    """Refuse a model whose fp32 weights + gradients + AdamW moments (16 bytes/parameter, a lower bound:
+    activations come on top) cannot fit in this process's memory, before anything is allocated."""
+    from spectra.sizes import count_params
+
+    n = count_params(cfg)["total"]
+    check_memory(16 * n, f"{what} a {n / 1e6:,.0f}M-parameter model (fp32 weights, gradients, AdamW state)",
+                 "choose a smaller preset or smaller model.* sizes")

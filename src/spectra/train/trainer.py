@@ -326,6 +326,10 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
     run = Path(cfg.out)
     ds = _open_data(cfg)
     plan = make_plan(cfg, int(ds.vocab_size), getattr(ds, "tokenizer_path", None), d.world, d.device.type)
+    if d.device.type == "cpu":  # before the run directory or the model exist (docs/security.md, Limits)
+        from spectra.validate import check_training_memory
+
+        check_training_memory(plan.model_cfg)
     res = resolved_config(cfg, plan)
     _check_run_dir(run, res, cfg.resume, cfg)  # on every rank, so all of them raise together
     barrier(d)
