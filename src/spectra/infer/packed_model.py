@@ -331,9 +331,8 @@ class PackedModel:
     """A packed model mapped read-only into memory. Use :meth:`load`."""
 
     def __init__(self, path: Path, meta: dict, arrays: dict[str, np.ndarray], mm: mmap.mmap | None,
-                 cfg: ModelConfig | None = None):
-        self.path, self.meta, self.arrays, self._mm = path, meta, arrays, mm
-        self.cfg = cfg or ModelConfig(**meta["model"]).validate(require_padded_vocab=False)
+                 cfg: ModelConfig):
+        self.path, self.meta, self.arrays, self._mm, self.cfg = path, meta, arrays, mm, cfg
         self.fmt: str = meta["weights"]
         self.head: str = meta["head"]
 
