@@ -89,7 +89,7 @@ static void make_mat(test_mat *t, int rows, int k, int mp, int split, int fmt) {
 static void free_mat(test_mat *t) { free(t->w); free(t->gamma); free(t->q); }
 
 static const char *kname(int k) {
-    static const char *n[] = {"auto", "scalar", "avx2", "avx512", "neon", "i8mm"};
+    static const char *n[] = {"auto", "scalar", "avx2", "avx512", "neon", "i8mm", "avxvnni"};
     return n[k];
 }
 
@@ -257,7 +257,7 @@ static void test_forward(const int *kernels, int nk) {
 int main(void) {
     int kernels[8], nk = 0;
     printf("paths:");
-    for (int k = K_AVX2; k <= K_I8MM; k++)
+    for (int k = K_AVX2; k <= K_AVXVNNI; k++)
         if (spx_cpu_supports(k)) { kernels[nk++] = k; printf(" %s", kname(k)); }
     printf(" scalar; best %s\n", kname(spx_best_kernel()));
     test_matmuls(kernels, nk);

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
     p.add_argument("--backend", default="auto", choices=CHOICES,
                    help="auto (default: the first that fits and runs here); " + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
-    p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avx512", "neon", "i8mm"],
+    p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avxvnni", "avx512", "neon", "i8mm"],
                    help="native code path (default: $SPECTRA_KERNEL or the best the CPU supports)")
     p.add_argument("--act", default="int8x2", choices=["int8x2", "int8"],
                    help="native activation quantization: int8x2 (int8 + int8 residual, ~15 bits; default) or int8 (faster prefill)")

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--max-body", type=int, default=2 * 1024 * 1024, help="largest request body in bytes (413 past it)")
     p.add_argument("--drain-timeout", type=float, default=5.0,
                    help="seconds running requests get to finish after SIGTERM (default 5)")
-    p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avx512", "neon", "i8mm"],
+    p.add_argument("--kernel", default=None, choices=["auto", "scalar", "avx2", "avxvnni", "avx512", "neon", "i8mm"],
                    help="native code path (default: $SPECTRA_KERNEL or the best the CPU supports)")
     p.add_argument("--act", default="int8x2", choices=["int8x2", "int8"],
                    help="native activation quantization (as spectra generate; default int8x2)")

@@ -5,14 +5,14 @@ first use into a per-user cache, keyed by the hash of the C sources, the compile
 version string and the flags, then loaded with ctypes. No torch ABI is involved, no
 build step at install time is needed, and a source edit simply builds a new key.
 The binary is portable across x86-64 CPUs and across aarch64 CPUs: ISA-specific code is
-compiled with function-level target pragmas (x86: avx2 / avx512vnni; aarch64: armv8.2-a+dotprod,
+compiled with function-level target pragmas (x86: avx2 / avxvnni / avx512vnni; aarch64: armv8.2-a+dotprod,
 armv8.6-a+i8mm) and selected at run time (cpuid; getauxval hwcaps), never at compile time
 (no -march=native), so the same flags build on both architectures. When no compiler exists, the
 loader raises :class:`KernelUnavailable` and callers fall back to the PyTorch
 reference path.
 
 Environment:
-  SPECTRA_KERNEL=auto|scalar|avx2|avx512|neon|i8mm  force a code path (default auto = best the CPU has)
+  SPECTRA_KERNEL=auto|scalar|avx2|avxvnni|avx512|neon|i8mm  force a code path (default auto = best the CPU has)
   SPECTRA_KERNEL_CACHE=DIR                where built libraries live (default ~/.cache/spectra/kernels)
   SPECTRA_SPIN_US=N                       how long a waiting thread spins before it sleeps (default 50)
   CC=...                                  compiler (default: cc, gcc or clang from PATH)
@@ -34,7 +34,7 @@ from spectra.errors import SpectraError
 HERE = Path(__file__).resolve().parent
 SOURCES = ("spectra_infer.c", "kernels.inc", "forward.inc", "neon.inc")
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
-KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "neon": 4, "i8mm": 5}
+KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "neon": 4, "i8mm": 5, "avxvnni": 6}
 KERNEL_NAMES = {v: k for k, v in KERNELS.items()}
 
 _lock = threading.Lock()

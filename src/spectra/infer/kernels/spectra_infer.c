@@ -11,6 +11,7 @@
  *   scalar  portable C (any CPU, any architecture)
  *   avx2    AVX2 + FMA + F16C: maddubs on 2-bit / base-3 trits (llama.cpp style)
  *   avx512  AVX2 code with AVX512-VNNI (256-bit vpdpbusd) for the ternary dots
+ *   avxvnni AVX2 code with VEX AVX-VNNI (256-bit vpdpbusd; CPUs without AVX-512)
  *   neon    aarch64 Armv8.2 dotprod: SDOT for the ternary dots (neon.inc)
  *   i8mm    aarch64 Armv8.6 i8mm: SMMLA 2x2 tiles for prefill, SDOT for decode (neon.inc)
  * The ternary matmuls of every path give the scalar path's bits (one fp32 reduction order,
@@ -35,6 +36,7 @@
 #include <unistd.h>
 #endif
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define SPX_X86 1
 #elif defined(__aarch64__) && defined(__linux__)
@@ -366,6 +368,19 @@ static inline void split_aligned(int n, int tid, int nth, int *lo, int *hi) {
 #include "kernels.inc"
 #include "forward.inc"
 #undef SFX
+#pragma GCC pop_options
+
+/* AVX-VNNI without AVX-512 (Intel Alder Lake and later clients): the avx512 path's dots, 256-bit only */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2,avxvnni")
+#define SPX_NO_ZMM 1
+#define SPX_AVXVNNI 1
+#define SFX(name) name##_avxvnni
+#include "kernels.inc"
+#include "forward.inc"
+#undef SFX
+#undef SPX_AVXVNNI
+#undef SPX_NO_ZMM
 #undef SPX_VNNI
 #undef SPX_AVX2
 #pragma GCC pop_options
@@ -394,7 +409,7 @@ static inline void split_aligned(int n, int tid, int nth, int *lo, int *hi) {
 #endif
 
 /* ------------------------------------------------------------------ public API */
-enum { K_AUTO = 0, K_SCALAR = 1, K_AVX2 = 2, K_AVX512 = 3, K_NEON = 4, K_I8MM = 5 };
+enum { K_AUTO = 0, K_SCALAR = 1, K_AVX2 = 2, K_AVX512 = 3, K_NEON = 4, K_I8MM = 5, K_AVXVNNI = 6 };
 
 int spx_cpu_supports(int kernel) {
     if (kernel == K_SCALAR) return 1;
@@ -405,6 +420,10 @@ int spx_cpu_supports(int kernel) {
     if (kernel == K_AVX512)
         return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    if (kernel == K_AVXVNNI) {  /* CPUID.(EAX=7,ECX=1):EAX[4]; the avx2 check covers the OS's YMM state */
+        unsigned a = 0, b = 0, c = 0, d = 0;
+        return avx2 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
+    }
 #endif
 #ifdef SPX_ARM
     int dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
@@ -415,8 +434,8 @@ int spx_cpu_supports(int kernel) {
 }
 
 int spx_best_kernel(void) {
-    static const int order[] = {K_AVX512, K_AVX2, K_I8MM, K_NEON};
-    for (int i = 0; i < 4; i++)
+    static const int order[] = {K_AVX512, K_AVXVNNI, K_AVX2, K_I8MM, K_NEON};
+    for (int i = 0; i < 5; i++)
         if (spx_cpu_supports(order[i])) return order[i];
     return K_SCALAR;
 }
@@ -564,6 +583,7 @@ static void forward_job(void *arg, int tid) {
 #ifdef SPX_X86
     case K_AVX512: forward_avx512(s, tid); break;
     case K_AVX2: forward_avx2(s, tid); break;
+    case K_AVXVNNI: forward_avxvnni(s, tid); break;
 #endif
 #ifdef SPX_ARM
     case K_I8MM: forward_i8mm(s, tid); break;
@@ -627,6 +647,7 @@ static void matmul_job_fn(void *a_, int tid) {
 #ifdef SPX_X86
     case K_AVX512: op_matmul_avx512(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
     case K_AVX2: op_matmul_avx2(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    case K_AVXVNNI: op_matmul_avxvnni(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
 #endif
 #ifdef SPX_ARM
     case K_I8MM: op_matmul_i8mm(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
@@ -662,6 +683,7 @@ int spx_quantize(const float *x, int T, int k, int nseg, int kp, int nl, int8_t 
 #ifdef SPX_X86
         if (kernel == K_AVX2) { quant_act_avx2(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
         if (kernel == K_AVX512) { quant_act_avx512(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
+        if (kernel == K_AVXVNNI) { quant_act_avxvnni(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
 #endif
         quant_act_scalar(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb);
     }
