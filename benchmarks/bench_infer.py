@@ -29,6 +29,7 @@ Appends one row to benchmarks/RESULTS.md. Usage:
     python benchmarks/bench_infer.py [--shapes 99m,390m] [--head f16|q8] [--threads 2] [--reps 3]
         [--ik-llama ~/src/ik_llama.cpp] [--contention] [--no-torch]
     python benchmarks/bench_infer.py --smoke      # tiny shape, 1 rep, nothing recorded: checks the wiring
+    python benchmarks/bench_infer.py --matmul     # prefill matmul of every kernel path, int8 vs int8x2 (CPU time)
 
 AVX2-only comparison on an AVX-512 machine (what a Zen 3 would run): force our AVX2 path with
 ``--kernel avx2`` and put an AVX2-only llama.cpp first on the path (the row records its
@@ -396,6 +397,36 @@ def machine() -> str:
     return f"{model} x{os.cpu_count()} ({' '.join(keep)}), Python {platform.python_version()}"
 
 
+def matmul_micro(kernels: list[str], reps: int, T: int = N_PROMPT) -> list[str]:
+    """Prefill matmul microbenchmark: every kernel path x int8 / int8x2 on 99m/390m matrix shapes, 1 thread,
+    alternated, best of reps in CPU time (process_time: a busy machine's waits are not counted)."""
+    import ctypes
+
+    import numpy as np
+
+    from spectra.infer.engine import _mat_struct, matrix_from_ternary
+    from spectra.infer.kernels.build import kernel_id, load_library
+
+    lib, rng, lines = load_library(), np.random.default_rng(0), []
+    for rows, k in ((1280, 512), (512, 1280), (2560, 1024), (1024, 2560)):
+        m = matrix_from_ternary(rng.choice(np.array([-1, 0, 1], np.int8), size=(rows, k)), np.full(1, 0.02, np.float32), "col", "t2")
+        st, x = _mat_struct(m, []), rng.normal(size=(T, k)).astype(np.float32)
+        out = np.empty((T, rows), np.float32)
+        best = {(kn, nl): float("inf") for kn in kernels for nl in (1, 2)}
+        for _ in range(reps):
+            for kn in kernels:
+                for nl in (1, 2):
+                    t = time.process_time()
+                    rc = lib.spx_matmul(ctypes.byref(st), x.ctypes.data, T, out.ctypes.data, 1, kernel_id(kn), nl)
+                    best[(kn, nl)] = min(best[(kn, nl)], time.process_time() - t)
+                    assert rc == 0, rc
+        gm = {key: T * rows * k / v / 1e9 for key, v in best.items()}
+        lines.append(f"{rows}x{k} T={T}: " + "; ".join(
+            f"{kn} int8 {gm[(kn, 1)]:.0f} / int8x2 {gm[(kn, 2)]:.0f} GMAC/s (x2 time {best[(kn, 2)] / best[(kn, 1)]:.2f})" for kn in kernels))
+        print("  " + lines[-1], flush=True)
+    return lines
+
+
 def plan_engines(files: dict, args, have_llama: bool, ik_files: dict) -> tuple[list, list]:
     """(engines to time, rows that already failed): engine = (name, worker kind, model file, extra args)."""
     engines, failed = [], []
@@ -477,6 +508,7 @@ def main() -> None:
     ap.add_argument("--ik-types", default=",".join(IK_TYPES))
     ap.add_argument("--contention", action="store_true", help="also: decode busy/quiet with one spinning process, per engine")
     ap.add_argument("--contention-reps", type=int, default=3)
+    ap.add_argument("--matmul", action="store_true", help="only the prefill matmul microbenchmark of every kernel path")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="nano shape, 1 rep, int8x2 only, no torch, nothing recorded")
@@ -511,6 +543,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     load0 = " ".join(f"{x:.2f}" for x in os.getloadavg())
     t_start = time.time()
+    if args.matmul:
+        from spectra.infer.kernels.build import available_kernels
+
+        print(f"prefill matmul microbenchmark, 1 thread, best of {max(args.reps, 5)} (CPU time); load {load0}")
+        matmul_micro(available_kernels(), max(args.reps, 5))
+        return
     bw = read_bandwidth(args.threads)
     print(f"read bandwidth ({args.threads} threads): {bw / 1e9:.1f} GB/s")
     rows, cont = [], []
