@@ -92,14 +92,14 @@ def _together(eng) -> list[list[np.ndarray]]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["t2", "t1"])
-def test_batch_invariance_bitwise(odd, fmt):
+@pytest.mark.parametrize("fmt,kv", [("t2", "f32"), ("t1", "f32"), ("t2", "f16")])
+def test_batch_invariance_bitwise(odd, fmt, kv):
     """16 sequences stepped together == each alone, bit for bit, on every kernel path here and 1 vs 2 threads."""
     results = {}
     for kern in AVAILABLE:
         for threads in (1, 2):
             eng = NativeBatchEngine(odd[fmt], max_seqs=N_SEQ, max_len=64, n_threads=threads, max_step_tokens=128,
-                                    kernel=kern)
+                                    kernel=kern, kv=kv)
             alone, together = _alone(eng), _together(eng)
             eng.close()
             for i in range(N_SEQ):
@@ -247,11 +247,12 @@ def test_state_allocation_refused_cleanly(odd):
     eng = NativeBatchEngine(odd["t2"], max_seqs=1, max_len=8, n_threads=1, max_step_tokens=2)
     lib, m = eng.lib, ctypes.byref(eng._model)
     k = kernel_id(eng.kernel)
-    assert not lib.spx_state_new(m, 2, 8, 1 << 17, 1, k, 1)   # too many slots
-    assert not lib.spx_state_new(m, 0, 8, 1, 1, k, 1)         # no rows
-    assert not lib.spx_state_new(m, 2, 9, 1, 1, k, 1)         # past the RoPE table
-    assert not lib.spx_state_new(m, 2, 8, 1, 1, k, 3)         # activation levels
-    for bad in (dict(max_seqs=0), dict(max_step_tokens=-1), dict(max_seqs=2.5), dict(n_threads=-1)):
+    assert not lib.spx_state_new(m, 2, 8, 1 << 17, 1, k, 1, 0)   # too many slots
+    assert not lib.spx_state_new(m, 0, 8, 1, 1, k, 1, 0)         # no rows
+    assert not lib.spx_state_new(m, 2, 9, 1, 1, k, 1, 0)         # past the RoPE table
+    assert not lib.spx_state_new(m, 2, 8, 1, 1, k, 3, 0)         # activation levels
+    assert not lib.spx_state_new(m, 2, 8, 1, 1, k, 1, 2)         # KV-cache type
+    for bad in (dict(max_seqs=0), dict(max_step_tokens=-1), dict(max_seqs=2.5), dict(n_threads=-1), dict(kv="f8")):
         with pytest.raises(SpectraError):
             NativeBatchEngine(odd["t2"], **{"max_len": 8, **bad})
     with pytest.raises(SpectraError, match="lower"):  # a KV cache larger than this machine's memory
@@ -290,3 +291,16 @@ def test_release_returns_kv_memory(odd):
     b = eng.acquire()
     assert eng.length(b) == 0 and eng.step([(b, [1, 2])]).shape == (1, VOCAB)
     eng.close()
+
+
+def test_f16_kv_cache_close_to_f32(odd):
+    """kv='f16' stores K/V rounded to f16 (half the attention traffic): close to the f32 cache, not equal."""
+    got = {}
+    for kv in ("f32", "f16"):
+        eng = NativeBatchEngine(odd["t2"], max_seqs=2, max_len=64, n_threads=2, max_step_tokens=64, kv=kv)
+        s = eng.acquire()
+        got[kv] = np.concatenate([eng.step([(s, PROMPTS[8])], all_logits=True), eng.step([(s, DECODES[8])], all_logits=True)])
+        assert f"kv {kv}" in eng.describe()
+        eng.close()
+    err = np.abs(got["f16"] - got["f32"]).max()
+    assert 0 < err < 2e-2 * np.abs(got["f32"]).max(), err

@@ -101,9 +101,12 @@ def _positive(name: str, v) -> int:
     return int(v)
 
 
-def _check_kv_memory(cfg, max_seqs: int, max_len: int) -> None:
-    """Refuse before allocating: the fp32 K and V caches of every slot must fit in this machine's memory."""
-    need = 2 * 4 * max_seqs * cfg.n_layers * cfg.n_heads * cfg.head_dim * max_len
+KV_DTYPES = {"f32": 0, "f16": 1}  # KV-cache element type: f32 (default, exact) or f16 (half the memory traffic)
+
+
+def _check_kv_memory(cfg, max_seqs: int, max_len: int, kv: str = "f32") -> None:
+    """Refuse before allocating: the K and V caches of every slot must fit in this machine's memory."""
+    need = 2 * (2 if kv == "f16" else 4) * max_seqs * cfg.n_layers * cfg.n_heads * cfg.head_dim * max_len
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -133,7 +136,7 @@ class NativeBatchEngine:
     batch_invariant = True
 
     def __init__(self, pm: PackedModel, max_seqs: int = 16, max_len: int | None = None, n_threads: int | None = None,
-                 max_step_tokens: int = 512, kernel: str | None = None, act: str = "int8x2"):
+                 max_step_tokens: int = 512, kernel: str | None = None, act: str = "int8x2", kv: str = "f32"):
         from spectra.infer.kernels.build import check_threads, kernel_id, load_library, pool_error, resolve_kernel
 
         self.act = act
@@ -146,12 +149,16 @@ class NativeBatchEngine:
         self.max_seqs = _positive("max_seqs", max_seqs)
         self.max_step_tokens = _positive("max_step_tokens", max_step_tokens)
         self.vocab_size = int(self.cfg.vocab_size)
-        _check_kv_memory(self.cfg, self.max_seqs, self.max_len)
+        if kv not in KV_DTYPES:
+            raise SpectraError(f"unknown KV-cache type '{kv}'; allowed: f32 (exact, default), f16 (half the memory traffic)")
+        self.kv = kv
+        _check_kv_memory(self.cfg, self.max_seqs, self.max_len, kv)
         self._keep: list = []
         self._model = _model_struct(pm, self.max_len, self._keep)
         self._state = None
         self._state = self.lib.spx_state_new(ctypes.byref(self._model), self.max_step_tokens, self.max_len,
-                                             self.max_seqs, self.n_threads, kernel_id(self.kernel), levels)
+                                             self.max_seqs, self.n_threads, kernel_id(self.kernel), levels,
+                                             KV_DTYPES[kv])
         if not self._state and pool_error(self.lib):
             raise SpectraError(f"native engine: cannot start {self.n_threads} threads: {pool_error(self.lib)}")
         if not self._state:
@@ -166,9 +173,9 @@ class NativeBatchEngine:
     @classmethod
     def from_dir(cls, path: str | Path, max_seqs: int = 16, max_len: int | None = None, n_threads: int | None = None,
                  max_step_tokens: int = 512, kernel: str | None = None, act: str = "int8x2",
-                 verify: bool = True) -> "NativeBatchEngine":
+                 verify: bool = True, kv: str = "f32") -> "NativeBatchEngine":
         return cls(PackedModel.load(path, verify=verify), max_seqs=max_seqs, max_len=max_len, n_threads=n_threads,
-                   max_step_tokens=max_step_tokens, kernel=kernel, act=act)
+                   max_step_tokens=max_step_tokens, kernel=kernel, act=act, kv=kv)
 
     # ---------------------------------------------------------------- slots
     def _check_slot(self, slot) -> int:
@@ -286,7 +293,7 @@ class NativeBatchEngine:
 
     def describe(self) -> str:
         return (f"native ({self.kernel}, {self.n_threads} threads, {self.pm.fmt}, head {self.pm.head}, act {self.act}, "
-                f"{self.max_seqs} slots x {self.max_len})")
+                f"{self.max_seqs} slots x {self.max_len}, kv {self.kv})")
 
 
 class NativeEngine:
@@ -296,9 +303,9 @@ class NativeEngine:
     backend = "native"
 
     def __init__(self, pm: PackedModel, max_len: int | None = None, n_threads: int | None = None,
-                 kernel: str | None = None, max_batch: int = 128, act: str = "int8x2"):
+                 kernel: str | None = None, max_batch: int = 128, act: str = "int8x2", kv: str = "f32"):
         self.batch = NativeBatchEngine(pm, max_seqs=1, max_len=max_len, n_threads=n_threads,
-                                       max_step_tokens=max_batch, kernel=kernel, act=act)
+                                       max_step_tokens=max_batch, kernel=kernel, act=act, kv=kv)
         b = self.batch
         self.act, self.lib, self.pm, self.cfg, self.kernel = b.act, b.lib, b.pm, b.cfg, b.kernel
         self.n_threads, self.max_len, self.max_batch = b.n_threads, b.max_len, b.max_step_tokens

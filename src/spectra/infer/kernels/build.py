@@ -126,7 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float  # noqa: F841
     lib.spx_cpu_supports.argtypes, lib.spx_cpu_supports.restype = [I], I
     lib.spx_best_kernel.argtypes, lib.spx_best_kernel.restype = [], I
-    lib.spx_state_new.argtypes, lib.spx_state_new.restype = [ctypes.POINTER(Model), I, I, I, I, I, I], P
+    lib.spx_state_new.argtypes, lib.spx_state_new.restype = [ctypes.POINTER(Model), I, I, I, I, I, I, I], P
     lib.spx_state_free.argtypes, lib.spx_state_free.restype = [P], None
     lib.spx_state_kernel.argtypes, lib.spx_state_kernel.restype = [P], I
     lib.spx_state_pos.argtypes, lib.spx_state_pos.restype = [P], I

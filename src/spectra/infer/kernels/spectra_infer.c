@@ -325,7 +325,8 @@ typedef struct spx_state {
     int8_t *xq;
     float *xd;
     int32_t *xs;
-    float *kcache, *vcache; /* [slot][layer][head][max_len][head_dim] */
+    void *kcache, *vcache;  /* [slot][layer][head][max_len][head_dim], fp32 or f16 (kv_f16) */
+    int kv_f16;
     int32_t *slot_len;      /* [max_seqs] positions filled per slot */
     int32_t *row_slot, *row_pos, *out_rows; /* [max_t] the current step's rows; rows whose logits are wanted */
     uint8_t *seen;          /* [max_seqs] scratch: duplicate-slot check */
@@ -335,6 +336,26 @@ typedef struct spx_state {
     int T, n_out;
     float *logits;
 } spx_state;
+
+/* fp32 -> f16, round to nearest even (IEEE; what F16C's vcvtps2ph does with _MM_FROUND_TO_NEAREST_INT),
+ * for the f16 KV cache: every path stores the same bits. */
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax > 0x7f800000) return (uint16_t)(sign | 0x7e00);           /* NaN */
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);          /* rounds past 65504: inf */
+    if (ax >= 0x38800000) {                                          /* normal f16 */
+        uint32_t h = (ax >> 13) - (112u << 10), rem = ax & 0x1fff;
+        if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    if (ax < 0x33000000) return (uint16_t)sign;                      /* below half the smallest subnormal */
+    uint32_t mant = (ax & 0x7fffff) | 0x800000, shift = 126 - (ax >> 23);  /* subnormal: units of 2^-24 */
+    uint32_t h = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+}
 
 /* Split n output rows between threads in units of 8 (the tail n % 8 goes to the last thread): the
  * tile path of a row (groups of 4 in mm_tern / head_rows, 8-wide SiLU) then depends on its index
@@ -445,28 +466,29 @@ static int kp_of(int k) { return (k + QK - 1) / QK * QK; }
 
 /* KV caches: anonymous mmap on Linux (zero pages on demand; calloc may instead take heap memory
  * and memset all of it, making every slot resident at once), calloc elsewhere. */
-static float *kv_alloc(size_t n) {
+static void *kv_alloc(size_t bytes) {
 #if defined(__linux__) && defined(MAP_ANONYMOUS)
-    if (n == 0) return NULL;
-    void *p = mmap(NULL, n * 4, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    return p == MAP_FAILED ? NULL : (float *)p;
+    if (bytes == 0) return NULL;
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
 #else
-    return calloc(n, 4);
+    return calloc(bytes, 1);
 #endif
 }
 
-static void kv_free(float *p, size_t n) {
+static void kv_free(void *p, size_t bytes) {
     if (!p) return;
 #if defined(__linux__) && defined(MAP_ANONYMOUS)
-    munmap(p, n * 4);
+    munmap(p, bytes);
 #else
-    (void)n;
+    (void)bytes;
     free(p);
 #endif
 }
 
-static size_t kv_floats(const spx_state *s) {
-    return (size_t)s->max_seqs * s->m->n_layers * s->m->n_heads * s->max_len * s->m->head_dim;
+/* bytes of one slot's K (or V) cache */
+static size_t kv_slot_bytes(const spx_state *s) {
+    return (size_t)s->m->n_layers * s->m->n_heads * s->max_len * s->m->head_dim * (s->kv_f16 ? 2 : 4);
 }
 
 /* Error codes of the entry points (spectra.infer.engine turns them into messages). */
@@ -477,7 +499,7 @@ void spx_state_free(spx_state *s) {
     pool_free(s->pool);
     free(s->x); free(s->xn); free(s->q); free(s->kk); free(s->v); free(s->att);
     free(s->g); free(s->u); free(s->h); free(s->scores); free(s->xq); free(s->xd); free(s->xs);
-    kv_free(s->kcache, kv_floats(s)); kv_free(s->vcache, kv_floats(s));
+    kv_free(s->kcache, kv_slot_bytes(s) * s->max_seqs); kv_free(s->vcache, kv_slot_bytes(s) * s->max_seqs);
     free(s->slot_len); free(s->row_slot); free(s->row_pos); free(s->out_rows); free(s->seen);
     free(s);
 }
@@ -486,8 +508,8 @@ void spx_state_free(spx_state *s) {
  * NULL on bad arguments or when memory (or a thread) cannot be had; nothing leaks. The KV cache is
  * mapped on demand: untouched positions cost address space, not resident memory. */
 spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seqs, int n_threads, int kernel,
-                         int act_levels) {
-    if (!m || act_levels < 1 || act_levels > 2) return NULL;
+                         int act_levels, int kv_f16) {
+    if (!m || act_levels < 1 || act_levels > 2 || kv_f16 < 0 || kv_f16 > 1) return NULL;
     if (max_t < 1 || max_t > (1 << 20) || max_len < 1 || max_seqs < 1 || max_seqs > (1 << 16)) return NULL;
     if (kernel == K_AUTO) kernel = spx_best_kernel();
     if (!spx_cpu_supports(kernel)) return NULL;
@@ -497,7 +519,7 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seq
     spx_state *s = calloc(1, sizeof(*s));
     if (!s) return NULL;
     s->m = m; s->kernel = kernel; s->max_t = max_t; s->max_len = max_len; s->max_seqs = max_seqs;
-    s->act_levels = act_levels;
+    s->act_levels = act_levels; s->kv_f16 = kv_f16;
     s->n_threads = n_threads < 1 ? 1 : n_threads;
     int D = m->dim, F = m->ffn;
     int maxk = 0;
@@ -518,7 +540,7 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seq
     s->xq = aligned_alloc(64, (NT * 2 * T * maxk + 63) / 64 * 64 + 64);
     s->xd = calloc(NT * 2 * T * s->max_nb, 4);
     s->xs = calloc(NT * 2 * T * s->max_nb, 4);
-    s->kcache = kv_alloc(kv_floats(s)); s->vcache = kv_alloc(kv_floats(s));
+    s->kcache = kv_alloc(kv_slot_bytes(s) * max_seqs); s->vcache = kv_alloc(kv_slot_bytes(s) * max_seqs);
     s->slot_len = calloc((size_t)max_seqs, 4); s->seen = calloc((size_t)max_seqs, 1);
     s->row_slot = calloc(T, 4); s->row_pos = calloc(T, 4); s->out_rows = calloc(T, 4);
     if (!s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
@@ -553,7 +575,7 @@ int spx_slot_set_len(spx_state *s, int slot, int n) {
  * gets zero pages), so a server's resident memory follows the sequences alive, not the longest
  * ones ever served. Only whole pages inside the slot's own region are dropped; positions are
  * never read before they are written, so the contents do not matter. */
-static void drop_pages(float *base, size_t bytes) {
+static void drop_pages(void *base, size_t bytes) {
 #if defined(__linux__) && defined(MADV_DONTNEED)
     uintptr_t a = (uintptr_t)base, e = a + bytes, pg = (uintptr_t)sysconf(_SC_PAGESIZE);
     a = (a + pg - 1) / pg * pg;
@@ -566,9 +588,9 @@ static void drop_pages(float *base, size_t bytes) {
 
 int spx_slot_release(spx_state *s, int slot) {
     if (slot < 0 || slot >= s->max_seqs) return SPX_ESLOT;
-    size_t per = (size_t)s->m->n_layers * s->m->n_heads * s->max_len * s->m->head_dim;
-    drop_pages(s->kcache + (size_t)slot * per, per * 4);
-    drop_pages(s->vcache + (size_t)slot * per, per * 4);
+    size_t per = kv_slot_bytes(s);
+    drop_pages((char *)s->kcache + (size_t)slot * per, per);
+    drop_pages((char *)s->vcache + (size_t)slot * per, per);
     s->slot_len[slot] = 0;
     return 0;
 }
