@@ -11,8 +11,8 @@
  *           inside T = 37; scalar == a float64 evaluation of the same integer dots (the packer here
  *           and the kernel's decoders agree).
  *   forward a tiny random model (padded dims, mp = 2, vocab not a multiple of 4) with an f16 and a q8
- *           head, int8 / int8x2: prefill (all logits), decode steps and a ragged two-sequence step on
- *           1 and 2 threads; NEON paths == scalar logits (memcmp). x86 paths are compared in matmul
+ *           head, int8 / int8x2, fp32 and (where the engine has it) f16 KV cache: prefill (all logits),
+ *           decode steps and a ragged two-sequence step on 1 and 2 threads; NEON paths == scalar logits (memcmp). x86 paths are compared in matmul
  *           only (their fp32 forward pieces - exp, FMA head - differ from scalar by design).
  * Prints "paths: ..." then one line per failure and "ALL OK" (exit 0) or "FAILED n" (exit 1). */
 #include "spectra_infer.c"
@@ -29,7 +29,7 @@ static float gauss(void) {
     float u = unif() + 1e-7f, v = unif();
     return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
 }
-static uint16_t f32_to_f16(float f) {  /* round to nearest even, normal range only (test data) */
+static uint16_t drv_f32_to_f16(float f) {  /* round to nearest even, normal range only (test data) */
     uint32_t x;
     memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000, e = (x >> 23) & 0xff, m = x & 0x7fffff;
@@ -174,7 +174,7 @@ static void make_model(tiny_model *tm, int head_fmt) {
     tm->head8 = malloc((size_t)V * D); tm->hscale = malloc(4 * V);
     tm->norms = malloc(4 * (size_t)NL * 2 * D); tm->fnorm = malloc(4 * D);
     tm->cosb = malloc(4 * (size_t)ML * hd); tm->sinb = malloc(4 * (size_t)ML * hd);
-    for (int i = 0; i < V * D; i++) { tm->embed[i] = f32_to_f16(gauss() * 0.5f); tm->head16[i] = f32_to_f16(gauss() * 0.05f); }
+    for (int i = 0; i < V * D; i++) { tm->embed[i] = drv_f32_to_f16(gauss() * 0.5f); tm->head16[i] = drv_f32_to_f16(gauss() * 0.05f); }
     for (int r = 0; r < V; r++) {
         tm->hscale[r] = 0.0005f + 0.001f * unif();
         for (int j = 0; j < D; j++) tm->head8[r * D + j] = (int8_t)((int)(rnd() % 255) - 127);
@@ -208,9 +208,22 @@ static void free_model(tiny_model *tm) {
     free(tm->cosb); free(tm->sinb);
 }
 
+/* spx_state_new with or without the trailing KV-cache-type argument (kv_f16: 0 fp32, 1 f16), whichever
+ * the engine source has: _Generic picks the call matching its type at compile time. */
+typedef spx_state *(*state_new7)(const spx_model *, int, int, int, int, int, int);
+typedef spx_state *(*state_new8)(const spx_model *, int, int, int, int, int, int, int);
+__attribute__((unused)) static spx_state *new_via7(state_new7 f, const spx_model *m, int t, int l, int s, int th, int k, int nl, int kv) {
+    (void)kv;
+    return f(m, t, l, s, th, k, nl);
+}
+__attribute__((unused)) static spx_state *new_via8(state_new8 f, const spx_model *m, int t, int l, int s, int th, int k, int nl, int kv) {
+    return f(m, t, l, s, th, k, nl, kv);
+}
+#define STATE_NEW(...) _Generic(&spx_state_new, state_new8: new_via8, default: new_via7)(spx_state_new, __VA_ARGS__)
+
 /* prefill 7 (all logits) + 3 decode steps on slot 0, then a ragged step (slot 0: 1 token, slot 1: 4) */
-static int run_model(const spx_model *m, int kernel, int nl, int nth, float *out) {
-    spx_state *s = spx_state_new(m, 8, 64, 2, nth, kernel, nl);
+static int run_model(const spx_model *m, int kernel, int nl, int nth, int kv, float *out) {
+    spx_state *s = STATE_NEW(m, 8, 64, 2, nth, kernel, nl, kv);
     if (!s) return -1;
     int V = m->vocab, n = 0;
     int32_t toks[8] = {5, 17, 299, 0, 42, 42, 7, 1};
@@ -230,21 +243,22 @@ static void test_forward(const int *kernels, int nk) {
         make_model(&tm, head);
         size_t n = (size_t)12 * tm.m.vocab;
         float *ref = malloc(4 * n), *y = malloc(4 * n);
-        for (int nl = 1; nl <= 2; nl++) {
-            CHECK(run_model(&tm.m, K_SCALAR, nl, 1, ref) == 0, "scalar forward failed");
+        for (int nl = 1; nl <= 2; nl++)
+          for (int kv = 0; kv <= 1; kv++) {
+            CHECK(run_model(&tm.m, K_SCALAR, nl, 1, kv, ref) == 0, "scalar forward failed");
             int finite = 1;
             for (size_t i = 0; i < n; i++) finite &= isfinite(ref[i]) && fabsf(ref[i]) < 1e6f;
             CHECK(finite, "scalar forward: non-finite logits");
-            CHECK(run_model(&tm.m, K_SCALAR, nl, 2, y) == 0 && !memcmp(y, ref, 4 * n), "scalar forward: 2 threads != 1 (head %d nl %d)", head, nl);
+            CHECK(run_model(&tm.m, K_SCALAR, nl, 2, kv, y) == 0 && !memcmp(y, ref, 4 * n), "scalar forward: 2 threads != 1 (head %d nl %d kv %d)", head, nl, kv);
             for (int ki = 0; ki < nk; ki++) {
                 if (kernels[ki] != K_NEON && kernels[ki] != K_I8MM) continue;
                 for (int nth = 1; nth <= 2; nth++) {
-                    CHECK(run_model(&tm.m, kernels[ki], nl, nth, y) == 0, "%s forward failed", kname(kernels[ki]));
+                    CHECK(run_model(&tm.m, kernels[ki], nl, nth, kv, y) == 0, "%s forward failed", kname(kernels[ki]));
                     n_cmp++;
                     size_t bad = 0;
                     while (bad < n && !memcmp(y + bad, ref + bad, 4)) bad++;
-                    CHECK(bad == n, "forward %s != scalar (head %s, nl %d, threads %d): first difference at logit %zu (%.9g vs %.9g)",
-                          kname(kernels[ki]), head ? "q8" : "f16", nl, nth, bad, bad < n ? y[bad] : 0.0, bad < n ? ref[bad] : 0.0);
+                    CHECK(bad == n, "forward %s != scalar (head %s, nl %d, kv %d, threads %d): first difference at logit %zu (%.9g vs %.9g)",
+                          kname(kernels[ki]), head ? "q8" : "f16", nl, kv, nth, bad, bad < n ? y[bad] : 0.0, bad < n ? ref[bad] : 0.0);
                 }
             }
         }
