@@ -194,6 +194,19 @@ def test_exchange_swaps_and_fallback_recovers(tmp_path, monkeypatch):
     assert (out / "v").read_text() == "3" and not (tmp_path / ".out.old").exists()
 
 
+def test_atomic_dir_never_replaces_a_file_or_link(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("keep")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "l").symlink_to(tmp_path / "d")
+    for p in (f, tmp_path / "l"):
+        with pytest.raises(SpectraError, match="not a directory"):
+            with atomic_dir(p) as t:
+                (t / "x").write_text("new")
+    assert f.read_text() == "keep" and (tmp_path / "l").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f", "l"]
+
+
 def test_failed_build_never_deletes_the_previous_result(tmp_path):
     out = tmp_path / "o"
     with atomic_dir(out) as t:

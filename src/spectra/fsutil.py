@@ -172,6 +172,10 @@ def swap_dir(new: Path, path: Path) -> None:
     ``.NAME.old``, which :func:`recover` (called by the next write of that output) restores.
     """
     path, new = Path(path), Path(new)
+    if os.path.lexists(path) and (path.is_symlink() or not path.is_dir()):
+        from spectra.errors import SpectraError
+
+        raise SpectraError(f"'{path}' exists and is not a directory; refusing to replace it with one")
     if not os.path.lexists(path):
         _rename(new, path)
     elif exchange(new, path):
