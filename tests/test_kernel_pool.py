@@ -85,7 +85,8 @@ def test_matmul_rows_independent_of_path_threads_and_batch(fmt):
 def test_thread_count_limits():
     cpus = usable_cpus()
     assert check_threads(1) == 1 and check_threads(4 * cpus) == 4 * cpus  # oversubscription when asked: allowed
-    for bad in (0, -2, 4 * cpus + 1, 100_000):
+    assert check_threads(np.int64(2)) == 2 and type(check_threads(np.int64(2))) is int
+    for bad in (0, -2, 4 * cpus + 1, 100_000, 2.0, True, "2"):
         with pytest.raises(SpectraError, match="threads"):
             check_threads(bad)
     lib = load_library()

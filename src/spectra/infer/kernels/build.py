@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import shutil
 import subprocess
@@ -184,8 +185,13 @@ def check_threads(n: int) -> int:
     mistake that could exhaust the process table, so it is refused before anything is created."""
     cpus = usable_cpus()
     limit = THREADS_PER_CPU * cpus
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    try:
+        k = operator.index(n) if not isinstance(n, bool) else None  # int, numpy integers; not 2.0 or True
+    except TypeError:
+        k = None
+    if k is None or k < 1:
         raise SpectraError(f"threads must be a positive integer, got {n!r}")
+    n = k
     if n > limit:
         raise SpectraError(f"threads={n} is refused: {POOL_ERRORS[-10].format(limit=limit, cpus=cpus)}; "
                            f"use at most {limit} (default: {cpus}, one per CPU)")
