@@ -206,6 +206,13 @@ def test_generate_max_len_checked_before_rope_tables(nano):
     assert time.perf_counter() - t < 120
 
 
+@pytest.mark.parametrize("flag", [["--seed", "-1"], ["--max-new-tokens", "-5"], ["--top-p", "nan"]])
+def test_generate_sampling_flags(nano, capsys, flag):
+    """--seed -1 was a numpy traceback."""
+    assert flag[0].lstrip("-").split("-")[0] in in_process(capsys, "generate", nano["pk"], "--prompt-ids", "1,2",
+                                                           "--temperature", "1", *flag)
+
+
 @pytest.mark.parametrize("n", ["100000", "-4", "0"])
 def test_generate_threads_bounded(nano, capsys, n):
     """Finding 4: --threads 100000 started tens of thousands of threads; -4 was accepted."""

@@ -23,6 +23,8 @@ class SamplingConfig:
             raise SpectraError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise SpectraError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:  # numpy's generator takes no negative seed
+            raise SpectraError(f"seed must be in [0, 2^63), got {self.seed}")
         return self
 
     @property
