@@ -379,6 +379,10 @@ def test_val_data_object_array_refused(nano, tmp_path):
     np.save(d / "a.npy", -np.arange(100, dtype=np.int64))
     with pytest.raises(SpectraError, match="vocabulary"):
         validation_loss(model, d, seq_len=8, progress=False)
+    np.save(d / "a.npy", np.arange(1000, dtype=np.int64))
+    for bad in (0, 257):  # the nano context is 256
+        with pytest.raises(SpectraError, match="val-seq-len"):
+            validation_loss(model, d, seq_len=bad, progress=False)
 
 
 # ----------------------------------------------------------------------------- finding 8: silent defaults

@@ -54,7 +54,7 @@ def _check_numbers(args) -> None:
     from spectra.validate import check_positive, check_threads
 
     if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
-        raise SpectraError(f"--limit must be positive, got {args.limit}")
+        raise SpectraError(f"--limit must be a positive number (documents, or a fraction < 1), got {args.limit}")
     for flag in ("batch_size", "max_batch_tokens", "ppl_seq_len", "ppl_stride", "ppl_max_tokens", "val_seq_len"):
         check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     check_positive(args.val_windows, "--val-windows", zero_ok=True)

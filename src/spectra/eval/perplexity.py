@@ -91,7 +91,8 @@ def _token_array(f: Path) -> np.ndarray:
     try:
         a = np.load(f, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:  # object arrays, bad headers, truncated files
-        raise SpectraError(f"{f}: not a token array ({str(e).splitlines()[0][:120]}); expected a 1-D integer .npy") from None
+        why = str(e).split(".")[0][:120]  # numpy's first sentence (not its advice to unpickle)
+        raise SpectraError(f"{f}: not a plain .npy token array ({why}); spectra never loads pickled data") from None
     if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype.kind not in "iu":
         raise SpectraError(f"{f}: expected a 1-D integer token array, got {getattr(a, 'dtype', type(a))} "
                            f"with shape {getattr(a, 'shape', '?')}")
@@ -136,6 +137,10 @@ def validation_loss(model, data_dir, seq_len: int = 512, max_windows: int | None
     ``info``, if given, receives the data identity (dir, split, fingerprint, windows).
     """
     m = getattr(model, "model", model)  # a Loaded or a bare Transformer
+    ctx = getattr(getattr(m, "cfg", None), "max_seq_len", None)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1 or (ctx and seq_len > ctx):
+        raise SpectraError(f"validation seq_len (--val-seq-len) must be in [1, {ctx or 'the context'}] "
+                           f"(the model's context length), got {seq_len!r}")
     wins, ident = _windows(data_dir, seq_len, max_windows, split)
     if not wins:
         raise SpectraError(f"'{data_dir}': fewer than {seq_len + 1} tokens; nothing to score")
