@@ -207,3 +207,21 @@ def test_hub_sources_follow_lm_eval_yaml():
     mm = hub_sources("mmlu_continuation")
     assert len(mm) == 57 and all(p == "cais/mmlu" and s == "test" for p, _, s in mm)
     assert hub_sources("winogrande") == [("allenai/winogrande", "winogrande_xl", "validation")]
+
+
+def test_suite_neox_tokenizer_resolution(monkeypatch, tmp_path, clean_env, shared):
+    """Never a relative ../shared path: $SPECTRA_TOKENIZER, the user cache, the HF cache, else a trained BPE."""
+    from spectra.suite import neox_tokenizer
+
+    monkeypatch.delenv("SPECTRA_TOKENIZER", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-empty"))
+    logs = []
+    assert neox_tokenizer(logs.append) is None and "training a byte-level BPE" in logs[0]
+    cached = clean_env / "tokenizers" / "gpt-neox-20b.json"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(shared("tokenizer", "gpt-neox-20b.json"), cached)
+    assert neox_tokenizer(logs.append) == str(cached)
+    monkeypatch.setenv("SPECTRA_TOKENIZER", str(tmp_path / "nope.json"))
+    with pytest.raises(SpectraError, match="SPECTRA_TOKENIZER='.*nope.json' is not a file"):
+        neox_tokenizer(logs.append)
