@@ -225,3 +225,29 @@ def test_suite_neox_tokenizer_resolution(monkeypatch, tmp_path, clean_env, share
     monkeypatch.setenv("SPECTRA_TOKENIZER", str(tmp_path / "nope.json"))
     with pytest.raises(SpectraError, match="SPECTRA_TOKENIZER='.*nope.json' is not a file"):
         neox_tokenizer(logs.append)
+
+
+def test_suite_hub_failure_recorded_and_not_retried(monkeypatch, tmp_path, clean_env):
+    import spectra.eval as E
+    from spectra.suite import Suite, make_plan
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls = []
+
+    def fake_evaluate(path, tasks=None, task_data=None, **kw):
+        calls.append(tasks)
+        if tasks:
+            raise SpectraError("no network or Hugging Face cache for the hub datasets")
+        return {"val_loss": 2.0, "skipped": {}}
+
+    monkeypatch.setattr(E, "evaluate", fake_evaluate)
+    s = Suite(make_plan("tiny", ["tiny1"]), tmp_path / "s", progress=False)
+    (tmp_path / "s" / "eval").mkdir(parents=True)
+    r1 = s.eval_one("floatlm-tiny1", tmp_path, "floatlm", "tiny1")
+    r2 = s.eval_one("trilm-tiny1", tmp_path, "trilm", "tiny1")
+    assert calls == [",".join(T.SPECTRA6), None, None]  # the Hub is tried once, not per model
+    assert r1["tasks_skipped"]["piqa"].startswith("Hub datasets unavailable: no network")
+    assert r2["tasks_skipped"] == r1["tasks_skipped"] and r1["val_loss"] == 2.0
+    res = json.loads((tmp_path / "s" / "eval" / "trilm-tiny1.json").read_text())
+    assert set(res["skipped"]) == set(T.SPECTRA6)

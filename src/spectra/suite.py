@@ -280,6 +280,7 @@ class Suite:
     def __init__(self, plan: SuitePlan, out: str | Path, progress: bool = True):
         self.plan, self.out, self.progress = plan, Path(out), progress
         self.stages_file = self.out / "stages.json"
+        self._hub_down: str | None = None  # why lm-eval's Hub datasets failed (asked once per invocation)
 
     # -- bookkeeping ------------------------------------------------------------------
     def check_dir(self) -> None:
@@ -475,6 +476,9 @@ class Suite:
         out = self.out / "eval" / f"{model_id}.json"
         kw = dict(limit=p.eval_limit, out=out, val_data=str(self.data_dir), val_seq_len=p.seq_len,
                   val_windows=p.val_windows, progress=self.progress)
+        if self._hub_down and task_data is None:  # failed for an earlier model: do not wait on the network again
+            skipped.update({t: self._hub_down for t in run})
+            run = []
         for t, why in skipped.items():
             self.log(f"[skip] lm-eval task {t} for {model_id}: {why}")
         try:
@@ -483,8 +487,9 @@ class Suite:
             if task_data is not None or not run:
                 raise
             # Hub datasets unreachable: keep the validation loss, say why the tasks are missing.
+            self._hub_down = f"Hub datasets unavailable: {e}"
             self.log(f"[skip] lm-eval tasks {', '.join(run)} for {model_id}: {e}")
-            skipped.update({t: f"Hub datasets unavailable: {e}" for t in run})
+            skipped.update({t: self._hub_down for t in run})
             res = evaluate(str(path), tasks=None, **kw)
         if skipped:  # the results file says it too, not only the suite's log
             from spectra.eval import write_results

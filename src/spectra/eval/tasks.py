@@ -136,7 +136,7 @@ def resolve_task_data(explicit: str | Path | None = None, tasks: list[str] | Non
     wanted = tasks if tasks is not None else list(LOCAL)
     if cache.is_dir() and any(task_file(cache, t) for t in wanted):
         return TaskData(cache, "user cache")
-    return TaskData(None, "lm-eval Hub datasets")
+    return TaskData(None, "lm-eval Hub datasets, downloaded at eval time (no local task data found)")
 
 
 def task_status(tasks: list[str], td: TaskData) -> tuple[list[str], dict[str, str]]:
