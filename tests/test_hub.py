@@ -181,3 +181,12 @@ def test_generate_hub_id_offline(offline_cache, capsys):
     assert main(["generate", REPO_ID, "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"]) == 0
     rec = json.loads(capsys.readouterr().out)
     assert len(rec["tokens"]) == 3 and rec["prompt_tokens"] == 3
+
+
+def test_pack_hub_id_offline(offline_cache, tmp_path):
+    cache = offline_cache[0]
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=4, ffn_dim=512, vocab_size=512, mp=2, max_seq_len=32).validate()
+    src = write_release_dir(tmp_path / "rel", cfg, seed=2, dtype=torch.float16)
+    populate_hub_cache(cache, "SpectraTest/TriLM_256", src, "4" * 40)
+    assert main(["pack", "SpectraTest/TriLM_256", "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "packed.json").is_file()

@@ -25,6 +25,10 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
+    from spectra.store import resolve
+
+    args.checkpoint = str(resolve(args.checkpoint))  # a Hub id OWNER/NAME: its local snapshot
+
     from spectra.store import from_hf_names, read_weights
     from spectra.infer.packed_model import PackedModel, write_packed
 

@@ -55,6 +55,9 @@ def _int_list(s: str, flag: str) -> list[int]:
 
 def run(args) -> int:
     from spectra.fsutil import claim_output
+    from spectra.store import resolve
+
+    args.checkpoint = str(resolve(args.checkpoint))  # a Hub id OWNER/NAME: its local snapshot
 
     # --out policy + lock for the whole run (docs/security.md); results are added in place
     with claim_output(args.out, "quantize", inputs=[args.checkpoint, args.calib], force=args.force, mark=False,

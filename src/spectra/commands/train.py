@@ -50,7 +50,9 @@ def build_config(args):
     if args.resume:
         flags["resume"] = args.resume
     if args.init_from:
-        flags["model.init_from"] = args.init_from
+        from spectra.store import resolve
+
+        flags["model.init_from"] = str(resolve(args.init_from))  # a Hub id OWNER/NAME: its local snapshot
     if args.allow_data_change:
         flags["data.allow_change"] = True
     if args.seed is not None:
