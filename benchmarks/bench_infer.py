@@ -339,7 +339,9 @@ def merge_runs(results: list[dict]) -> dict:
 
 def spinner(cpu: int) -> subprocess.Popen:
     """One extra process burning one CPU (the 'busy machine' of the contention mode)."""
-    code = f"import os\ntry:\n    os.sched_setaffinity(0, {{{cpu}}})\nexcept OSError:\n    pass\nwhile True:\n    pass\n"
+    # it stops by itself when this process goes away (a killed benchmark must not leave a CPU burner behind)
+    code = (f"import os\ntry:\n    os.sched_setaffinity(0, {{{cpu}}})\nexcept OSError:\n    pass\n"
+            f"while os.getppid() == {os.getpid()}:\n    for _ in range(1000000):\n        pass\n")
     return subprocess.Popen([sys.executable, "-c", code])
 
 
