@@ -41,6 +41,13 @@ def run(args) -> int:
         from spectra.serve.server import ServeConfig, api_key_from_env, serve
     except ImportError as e:
         raise SpectraError(f"spectra serve needs the 'serve' extra ({e.name} missing): pip install 'spectra-lm[serve]'") from None
+    from pathlib import Path
+
+    from spectra.store import resolve
+
+    if not args.served_model_name and not Path(args.model).exists():
+        args.served_model_name = args.model  # a Hub id OWNER/NAME is served under that name, not its snapshot's
+    args.model = str(resolve(args.model))
     cfg = ServeConfig(args.model, args.host, args.port, args.parallel, args.max_len, args.threads,
                       api_key_from_env(args.api_key), args.backend, args.max_queue, args.max_step_tokens, args.max_body,
                       args.drain_timeout, args.served_model_name, args.access_log, args.log_level,
