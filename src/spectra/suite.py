@@ -232,9 +232,9 @@ def neox_tokenizer(log=print) -> str | None:
     try:
         from huggingface_hub import hf_hub_download
 
-        from spectra.store.hub import _cache_dir, offline
+        from spectra.store.hub import hub_cache_dir, offline
 
-        return hf_hub_download("EleutherAI/gpt-neox-20b", "tokenizer.json", cache_dir=_cache_dir(),
+        return hf_hub_download("EleutherAI/gpt-neox-20b", "tokenizer.json", cache_dir=hub_cache_dir(),
                                local_files_only=offline())
     except Exception as e:  # noqa: BLE001  (no network, no cache, no huggingface_hub: all mean "not available")
         log(f"GPT-NeoX-20B tokenizer not available ({type(e).__name__}); training a byte-level BPE on the corpus "

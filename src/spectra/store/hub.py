@@ -32,17 +32,13 @@ def hub_id(s: str) -> str | None:
     return f"{m.group(1)}/{m.group(2)}"
 
 
-def is_hub_id(s: str) -> bool:
-    """True for an ``owner/name`` string that does not exist as a local path."""
-    return hub_id(s) is not None and not Path(s).exists()
-
-
 def offline() -> bool:
     """HF_HUB_OFFLINE read now (huggingface_hub reads it once at import)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cache_dir() -> str | None:
+def hub_cache_dir() -> str | None:
+    """The huggingface_hub cache to use now (None: its default)."""
     # Read at call time for the same reason as offline(): tests and long-lived processes set it late.
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -73,11 +69,11 @@ def resolve_model(path_or_id: str, revision: str | None = None) -> Path:
                            "pip install 'spectra-lm[hub]'") from None
     rev = f"@{revision}" if revision else ""
     try:
-        local = snapshot_download(rid, revision=revision, cache_dir=_cache_dir(), local_files_only=offline(),
+        local = snapshot_download(rid, revision=revision, cache_dir=hub_cache_dir(), local_files_only=offline(),
                                   ignore_patterns=IGNORE)
     except LocalEntryNotFoundError:
         if offline():
-            raise SpectraError(f"'{rid}{rev}' is not in the Hugging Face cache ({_cache_dir() or 'default'}) and "
+            raise SpectraError(f"'{rid}{rev}' is not in the Hugging Face cache ({hub_cache_dir() or 'default'}) and "
                                "HF_HUB_OFFLINE=1; download it once online (unset HF_HUB_OFFLINE) or pass a local "
                                "directory") from None
         raise SpectraError(f"'{rid}{rev}' could not be downloaded (no network?) and is not cached; "
