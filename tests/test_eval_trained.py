@@ -12,35 +12,16 @@ pytest.importorskip("lm_eval", reason="lm-eval not installed (the eval extra; sc
 pytest.importorskip("transformers", reason="transformers not installed (the hf extra; scripts/setup.sh installs it)")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from conftest import shared_data
-
-    from spectra.data import build_dataset
-
-    src = shared_data("text", "tinyshakespeare.txt")
-    return build_dataset(str(src), tmp_path_factory.mktemp("data") / "shakes", vocab_size=1024, progress=False)
-
-
-def _train(data_dir, out, family):
-    from spectra.train import TrainConfig, final_checkpoint, train
-
-    cfg = TrainConfig().override({
-        "out": str(out), "model.preset": "micro", "model.family": family, "data.dir": str(data_dir),
-        "data.seq_len": 128, "batch.global_tokens": 8 * 128, "batch.micro_batch": 8, "schedule.steps": 30,
-        "log.progress": False, "log.tensorboard": False, "train.threads": 2, "checkpoint.log_spaced": False,
-        "checkpoint.every": 0, "eval.batches": 2})
-    return final_checkpoint(train(cfg))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["floatlm", "trilm"])
-def test_trained_micro_spectra6_end_to_end(data_dir, tmp_path, family, capsys):
-    from conftest import shared_data
+def test_trained_micro_spectra6_end_to_end(shakes_data, trained_ckpt, tmp_path, family, capsys):
+    from conftest import RECIPES, shared_data
 
     from spectra.cli import main
 
-    ckpt = _train(data_dir, tmp_path / family, family)
+    ckpt = trained_ckpt("micro", family)  # conftest's shared micro run
+    vocab, recipe = RECIPES["micro"]
+    data_dir = shakes_data(vocab)
     out = tmp_path / f"{family}.json"
     rc = main(["eval", str(ckpt), "--tasks", "spectra6", "--task-data", str(shared_data("eval")), "--limit", "20",
                "--ppl", str(shared_data("text", "ptb-valid.txt")), "--ppl-max-tokens", "2000", "--ppl-seq-len", "128",
@@ -49,11 +30,11 @@ def test_trained_micro_spectra6_end_to_end(data_dir, tmp_path, family, capsys):
     printed = capsys.readouterr().out
     assert "6-task average" in printed
     res = json.loads(out.read_text())
-    assert res["family"] == family and res["step"] == 30 and res["tokens"]
+    assert res["family"] == family and res["step"] == recipe["schedule.steps"] and res["tokens"]
     assert res["six_task_avg"] is not None and 0 < res["six_task_avg"] < 1
     assert set(res["tasks"]) == {"arc_challenge", "arc_easy", "hellaswag", "piqa", "boolq", "winogrande"}
     # a trained model beats uniform guessing over its vocabulary on held-out shakespeare
-    assert res["val_loss"] < math.log(1024)
+    assert res["val_loss"] < math.log(vocab)
     assert res["data_fingerprints"]["val_data"]["fingerprint"]
     p = next(iter(res["ppl"].values()))
     assert p["tokens"] == 2000 and p["bits_per_byte"] > 0

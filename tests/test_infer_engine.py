@@ -177,22 +177,10 @@ def test_generate_cli(micro, capsys):
 
 # ------------------------------------------------------------------ trained micro TriLM (acceptance)
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """micro TriLM trained briefly with spectra.train on tinyshakespeare (own small BPE), packed t2/f16."""
-    from conftest import shared_data
-
-    from spectra.data import build_dataset
-    from spectra.train import TrainConfig, final_checkpoint, train
-
-    text = shared_data("text", "tinyshakespeare.txt")
+def trained(tmp_path_factory, trained_ckpt):
+    """conftest's micro TriLM (trained briefly on tinyshakespeare, own small BPE), packed t2/f16."""
+    ck = trained_ckpt("micro", "trilm")
     d = tmp_path_factory.mktemp("trained")
-    data = build_dataset(text, d / "data", tokenizer=None, vocab_size=2048, progress=False)
-    cfg = TrainConfig().override([
-        "model.preset=micro", "model.family=trilm", f"data.dir={data}", "data.seq_len=64",
-        "batch.global_tokens=1024", "batch.micro_batch=16", "schedule.steps=40", "train.threads=2",
-        "checkpoint.log_spaced=false", "checkpoint.every=0", "eval.at_end=false", "log.progress=false",
-        "log.tensorboard=false"]).replace(out=str(d / "run"))
-    ck = final_checkpoint(train(cfg))
     write_packed(ck, d / "packed", "t2", "f16", progress=False)
     return {"ck": ck, "packed": d / "packed"}
 

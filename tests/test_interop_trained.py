@@ -17,40 +17,10 @@ PROMPTS = ["ROMEO:\nWhat light through yonder window", "KING HENRY:\nNow, lords,
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def trained(trained_ckpt):
+    """Checkpoints by family: conftest's micro runs (40 x 2048 tokens of tinyshakespeare, own BPE), trained lazily."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    from conftest import shared_data
-
-    from spectra.data import build_dataset
-
-    text = shared_data("text", "tinyshakespeare.txt")
-    return build_dataset(text, tmp_path_factory.mktemp("data") / "shakes", tokenizer=None, vocab_size=2048,
-                         progress=False)
-
-
-def _train(data, fam, out):
-    """micro preset trained briefly with spectra.train (40 x 2048 tokens) on tinyshakespeare (own BPE)."""
-    from spectra.train import TrainConfig, final_checkpoint, train
-
-    cfg = TrainConfig().override([
-        "model.preset=micro", f"model.family={fam}", f"data.dir={data}", "data.seq_len=128",
-        "batch.global_tokens=2048", "batch.micro_batch=16", "schedule.steps=40", "train.threads=2",
-        "checkpoint.log_spaced=false", "checkpoint.every=0", "eval.at_end=false", "log.progress=false",
-        "log.tensorboard=false"]).replace(out=str(out))
-    return final_checkpoint(train(cfg))
-
-
-@pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    """Checkpoints by family, trained lazily (the TriLM tests run first)."""
-    cache: dict = {}
-
-    def get(fam):
-        if fam not in cache:
-            cache[fam] = _train(data, fam, tmp_path_factory.mktemp(f"run-{fam}"))
-        return cache[fam]
-
-    return get
+    return lambda fam: trained_ckpt("micro", fam)
 
 
 @torch.no_grad()

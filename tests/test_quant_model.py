@@ -118,13 +118,8 @@ def test_refuses_trilm_and_bad_calibration(tiny):
 # -- with real data: a token dataset and a trained FloatLM -------------------------------
 
 @pytest.fixture(scope="module")
-def shakes(tmp_path_factory):
-    from conftest import shared_data
-
-    from spectra.data import build_dataset as build
-    text = shared_data("text", "tinyshakespeare.txt")
-    return build(text, tmp_path_factory.mktemp("qdata") / "shakes", vocab_size=1024, val_fraction=0.1,
-                 progress=False)
+def shakes(shakes_data):
+    return shakes_data(1024)  # conftest: the data the shared nano run trains on
 
 
 def train_floatlm(data_dir, out, preset, steps, seq=128, batch=16):
@@ -175,9 +170,8 @@ def check_ordering(data_dir, ckpt, tmp_path):
     return ppl
 
 
-def test_perplexity_ordering_trained_nano(shakes, tmp_path):
-    ckpt = train_floatlm(shakes, tmp_path / "run", "nano", 200, batch=8)
-    check_ordering(shakes, ckpt, tmp_path)
+def test_perplexity_ordering_trained_nano(shakes, trained_ckpt, tmp_path):
+    check_ordering(shakes, trained_ckpt("nano", "floatlm"), tmp_path)
 
 
 @pytest.mark.slow
