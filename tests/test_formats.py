@@ -46,10 +46,17 @@ def test_table_matches_the_c_sources():
         assert defs[f"{f.name.upper()}_BLOCK"] == f.block_bytes, f.name
     ids = _c_format_ids(src, defs)
     assert ids == {f.name: f.c_id for f in formats.FORMATS.values()}
+    # the C code compares with named ids: one SPX_FMT_<NAME> / SPX_HEAD_<NAME> define per format
+    assert {k for k in defs if k.startswith("SPX_FMT_")} == {f"SPX_FMT_{n.upper()}" for n in formats.FORMATS}
+    c_head_defs = {k.removeprefix("SPX_HEAD_").lower(): v for k, v in defs.items() if k.startswith("SPX_HEAD_")}
+    assert c_head_defs == {h.name: h.c_id for h in formats.HEAD_FORMATS.values()}
     head = re.search(r"head_fmt[^;]*;\s*/\*([^*]*)\*/", src)
     assert head, "the C model struct lost its 'head_fmt' comment"
     c_heads = {m[2].lower(): int(m[1]) for m in re.finditer(r"(\d+)\s*:\s*(\w+)", head[1])}
     assert c_heads == {h.name: h.c_id for h in formats.HEAD_FORMATS.values()}
+    # and no bare id is compared with a format field any more
+    bare = re.findall(r"(?:head_)?fmt\s*[!=]=\s*\d+", src)
+    assert not bare, f"compare format fields with the SPX_FMT_ / SPX_HEAD_ names, not {bare}"
 
 
 def test_c_id_check_catches_a_mismatch():

@@ -44,7 +44,7 @@ static int failures = 0;
 
 /* ---------------------------------------------------------------- packing (docs/packed-format.md) */
 static void pack_block(int fmt, const uint8_t *c, uint8_t *out) {
-    if (fmt == 2) {
+    if (fmt == SPX_FMT_T2) {
         for (int h = 0; h < 2; h++)
             for (int j = 0; j < 32; j++)
                 out[h * 32 + j] = (uint8_t)(c[h * 128 + j] | c[h * 128 + 32 + j] << 2 | c[h * 128 + 64 + j] << 4 | c[h * 128 + 96 + j] << 6);
@@ -63,7 +63,7 @@ typedef struct { spx_mat m; uint8_t *w; float *gamma; int8_t *q; /* [rows, k] te
 
 static void make_mat(test_mat *t, int rows, int k, int mp, int split, int fmt) {
     int nseg = split ? mp : 1, seg = k / nseg, segp = (seg + QK - 1) / QK * QK, kp = nseg * segp, nb = kp / QK;
-    int rb = nb * (fmt == 2 ? T2_BLOCK : T1_BLOCK);
+    int rb = nb * (fmt == SPX_FMT_T2 ? T2_BLOCK : T1_BLOCK);
     t->w = malloc((size_t)rows * rb); t->gamma = malloc(sizeof(float) * mp); t->q = malloc((size_t)rows * k);
     uint8_t *codes = malloc(kp), dec[QK];
     for (int i = 0; i < mp; i++) t->gamma[i] = 0.005f + 0.045f * unif();
@@ -76,7 +76,7 @@ static void make_mat(test_mat *t, int rows, int k, int mp, int split, int fmt) {
             codes[(j / seg) * segp + j % seg] = (uint8_t)(v + 1);
         }
         for (int b = 0; b < nb; b++) {
-            uint8_t *o = t->w + (size_t)r * rb + b * (fmt == 2 ? T2_BLOCK : T1_BLOCK);
+            uint8_t *o = t->w + (size_t)r * rb + b * (fmt == SPX_FMT_T2 ? T2_BLOCK : T1_BLOCK);
             pack_block(fmt, codes + b * QK, o);
             decode_block_scalar(fmt, o, dec);
             CHECK(!memcmp(dec, codes + b * QK, QK), "packer/decoder disagree fmt %d row %d block %d", fmt, r, b);

@@ -63,13 +63,18 @@
 #define T2_BLOCK 64     /* bytes per block: 256 x 2 bits */
 #define T1_BLOCK 52     /* bytes per block: 160 + 80 trits at 5/byte, 16 at 4/byte */
 #define MAX_NB 1024     /* K <= 262144 */
+/* format ids (spectra.infer.formats: Format.c_id / HeadFormat.c_id; tests/test_formats.py checks them) */
+#define SPX_FMT_T1 1    /* ternary matrix: base-3, 5 trits per byte */
+#define SPX_FMT_T2 2    /* ternary matrix: 2 bits per trit */
+#define SPX_HEAD_F16 0  /* output head: f16 rows */
+#define SPX_HEAD_Q8 1   /* output head: int8 rows + fp32 scale per row */
 
 typedef struct {
     const uint8_t *w;     /* rows x row_bytes packed trits */
     const float *gamma;   /* [mp] per-shard scale */
     int32_t rows, k, kp;  /* kp: padded K (each shard segment padded to a multiple of 256) */
     int32_t mp, split;    /* split 0: column-parallel (rows sharded), 1: row-parallel (K sharded) */
-    int32_t fmt;          /* 2: t2, 1: t1 */
+    int32_t fmt;          /* 2: t2, 1: t1 (SPX_FMT_T2, SPX_FMT_T1) */
     int32_t row_bytes;
 } spx_mat;
 
@@ -83,7 +88,7 @@ typedef struct {
     float norm_eps, pad0;
     const uint16_t *embed;     /* f16 [vocab, dim] */
     const float *final_norm;   /* [dim] */
-    int32_t head_fmt, head_kp; /* 0: f16, 1: q8 (int8 rows + fp32 scale per row) */
+    int32_t head_fmt, head_kp; /* 0: f16, 1: q8 (SPX_HEAD_F16, SPX_HEAD_Q8) */
     const void *head;
     const float *head_scale;
     const spx_layer *layers;
@@ -126,7 +131,7 @@ static inline int t1_digit(uint8_t b, int k) {
 
 /* Decode one 256-weight block to codes q+1 in {0,1,2} (scalar, both formats). */
 static void decode_block_scalar(int fmt, const uint8_t *w, uint8_t *out) {
-    if (fmt == 2) {
+    if (fmt == SPX_FMT_T2) {
         for (int c = 0; c < 2; c++)
             for (int i = 0; i < 4; i++)
                 for (int j = 0; j < 32; j++) out[c * 128 + i * 32 + j] = (w[c * 32 + j] >> (2 * i)) & 3;
