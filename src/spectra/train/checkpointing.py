@@ -28,9 +28,9 @@ import torch
 
 from spectra.errors import SpectraError
 from spectra.fsutil import atomic_write_json, fsync_tree, recover, swap_dir
-
-CKPT_DIR = "checkpoints"
-FINAL = "final"
+from spectra.store.hfconfig import CONFIG_FILE
+from spectra.store.kinds import CHECKPOINTS_DIR, FINAL_DIR
+from spectra.store.modeldir import WEIGHTS_FILE
 
 
 def step_name(step: int) -> str:
@@ -95,7 +95,7 @@ def is_complete(path: str | Path) -> bool:
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of a run, oldest first, as (step, path)."""
-    root = Path(run_dir) / CKPT_DIR
+    root = Path(run_dir) / CHECKPOINTS_DIR
     out = []
     if root.is_dir():
         for p in root.iterdir():
@@ -112,8 +112,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def final_checkpoint(run_dir: str | Path) -> Path:
     """The run's last model directory: RUN/final when present, else the newest checkpoint."""
     run_dir = Path(run_dir)
-    fin = run_dir / FINAL
-    if (fin / "config.json").exists() and (fin / "model.safetensors").exists():
+    fin = run_dir / FINAL_DIR
+    if (fin / CONFIG_FILE).exists() and (fin / WEIGHTS_FILE).exists():
         return fin
     last = latest_checkpoint(run_dir)
     if last is None:
@@ -124,7 +124,7 @@ def final_checkpoint(run_dir: str | Path) -> Path:
 def clean_temporaries(run_dir: Path) -> None:
     """Leftovers of a killed save: temporary trees go; a checkpoint parked as '.NAME.old' by an
     interrupted fallback swap is restored (or dropped when NAME is complete), never lost."""
-    root = run_dir / CKPT_DIR
+    root = run_dir / CHECKPOINTS_DIR
     if root.is_dir():
         for p in root.iterdir():
             if p.name.startswith(".") and p.name.endswith(".old"):
@@ -169,12 +169,12 @@ def save_checkpoint(run_dir: Path, step: int, kind: str, *, model, base_model, o
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from spectra.checkpoint import save_model
+    from spectra.store.modeldir import save_model
     from spectra.fsutil import save_safetensors
 
     from .parallel import barrier
 
-    root = run_dir / CKPT_DIR
+    root = run_dir / CHECKPOINTS_DIR
     final = root / step_name(step)
     tmp = root / f".{final.name}.tmp"
     err: BaseException | None = None

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from spectra.errors import SpectraError
+from spectra.store.dtypes import torch_dtype
+from spectra.store.kinds import FINAL_DIR, METRICS_FILE, RUN_CONFIG
 
 from . import checkpointing as ck
 from .config import TrainConfig, profile_range, validate
@@ -29,8 +31,6 @@ from .parallel import Dist, all_reduce_mean, barrier, close_distributed, init_di
 from .precision import LossScaler, autocast, resolve_precision
 from .schedule import Schedule, build_schedule
 
-CONFIG_FILE = "train_config.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> Path:
         keep_freed_memory()
     try:
         with _run_lock(Path(cfg.out), d):
-            fresh = not (Path(cfg.out) / CONFIG_FILE).exists()
+            fresh = not (Path(cfg.out) / RUN_CONFIG).exists()
             try:
                 return _train(cfg, d)
             except BaseException:
@@ -106,7 +106,7 @@ def _forget_failed_start(run: Path) -> None:
     """A run that failed before its first checkpoint leaves no train_config.json behind: a plain
     rerun must not be refused as 'already holds a run' (issue 15)."""
     if not ck.list_checkpoints(run):
-        (run / CONFIG_FILE).unlink(missing_ok=True)
+        (run / RUN_CONFIG).unlink(missing_ok=True)
 
 
 # -- setup ------------------------------------------------------------------------------
@@ -123,14 +123,13 @@ def _open_data(cfg: TrainConfig):
 
 
 def _model_config(cfg: TrainConfig, ds_vocab: int):
-    from spectra.checkpoint import model_config_from_hf, read_config
     from spectra.config import get_preset, padded_vocab
+    from spectra.store.hfconfig import read_model_config
 
     m = cfg.model
     preset = get_preset(m.preset) if m.preset else None
     if m.init_from:
-        src = read_config(m.init_from)
-        mc = model_config_from_hf(src, str(Path(m.init_from) / "config.json"))
+        mc, _ = read_model_config(m.init_from)
         if mc.vocab_size < ds_vocab:
             raise SpectraError(f"model.init_from '{m.init_from}' has vocab_size {mc.vocab_size} but the data tokenizer "
                                f"has {ds_vocab} tokens; use a data directory built with that model's tokenizer")
@@ -221,10 +220,10 @@ _IDENTITY = ("model", "data")  # a run with other values here is a different run
 def _check_run_dir(run: Path, resolved: TrainConfig, resume: str, cfg: TrainConfig) -> None:
     from spectra.fsutil import check_output
 
-    f = run / CONFIG_FILE
+    f = run / RUN_CONFIG
     if not f.exists():
         if run.exists() and resume == "none" and ck.list_checkpoints(run):
-            raise SpectraError(f"output directory '{run}' holds checkpoints but no {CONFIG_FILE}; choose another --out")
+            raise SpectraError(f"output directory '{run}' holds checkpoints but no {RUN_CONFIG}; choose another --out")
         # --out policy (docs/security.md): a new, empty or own directory, never inside/around the data
         check_output(run, "train", inputs=[cfg.data.dir, cfg.model.init_from], can_force=False)
         return
@@ -254,7 +253,8 @@ def build_model(plan: Plan, cfg: TrainConfig):
     mode = "binary" if fam == "bilm" else "ternary"
     src = cfg.model.init_from
     if src:
-        from spectra.checkpoint import family_of, load_model, read_config
+        from spectra.store.hfconfig import family_of, read_config
+        from spectra.store.modeldir import load_model
 
         src_fam = family_of(read_config(src))
         # A ternary source into a ternary run: latent weights that re-quantize to exactly the
@@ -321,8 +321,15 @@ def _val_windows(cfg: TrainConfig, plan: Plan) -> list:
 
 
 def _train(cfg: TrainConfig, d: Dist) -> Path:
-    from spectra.data import DataLoader
+    plan = _prepare_run(cfg, d)
+    lp = _build(cfg, plan, d)
+    _resume(lp)
+    _loop(lp)
+    return lp.run
 
+
+def _prepare_run(cfg: TrainConfig, d: Dist) -> Plan:
+    """The plan; refusals before anything is written; then the run directory with its resolved config."""
     run = Path(cfg.out)
     ds = _open_data(cfg)
     plan = make_plan(cfg, int(ds.vocab_size), getattr(ds, "tokenizer_path", None), d.world, d.device.type)
@@ -339,8 +346,32 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         from spectra.fsutil import atomic_write_json, write_marker
 
         write_marker(run, "train")
-        atomic_write_json(run / CONFIG_FILE, res.to_dict())
+        atomic_write_json(run / RUN_CONFIG, res.to_dict())
     barrier(d)
+    return plan
+
+
+@dataclass
+class _Loop:
+    """What the loop carries from step to step."""
+
+    cfg: TrainConfig
+    plan: Plan
+    d: Dist
+    run: Path
+    base: torch.nn.Module  # the bare model (checkpoints are written from it)
+    model: torch.nn.Module  # the parallel wrapper the steps run through
+    opt: torch.optim.Optimizer
+    sched: Schedule
+    scaler: LossScaler
+    loader: object
+    step: int = 0
+    bad_total: int = 0
+    consecutive_bad: int = 0
+
+
+def _build(cfg: TrainConfig, plan: Plan, d: Dist) -> _Loop:
+    from spectra.data import DataLoader
 
     base = build_model(plan, cfg).to(d.device)
     if cfg.train.activation_checkpoint:
@@ -358,107 +389,122 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
                         window=cfg.train.loss_scale_window, min_scale=cfg.train.loss_scale_min)
     loader = DataLoader(cfg.data.dir, plan.seq_len, plan.global_batch, rank=d.rank, world_size=d.world,
                         seed=cfg.data.seed, split="train")
+    return _Loop(cfg, plan, d, Path(cfg.out), base, model, opt, sched, scaler, loader)
 
-    step, bad_total, consecutive_bad = 0, 0, 0
+
+def _resume(lp: _Loop) -> None:
+    """Restore from --resume (model, optimizer, RNG, loader, scaler) and drop the metrics of steps to replay."""
+    cfg, run = lp.cfg, lp.run
     resume_from = None
     if cfg.resume == "auto":
         resume_from = ck.latest_checkpoint(run)
     elif cfg.resume != "none":
         resume_from = Path(cfg.resume)
     if resume_from is not None:
-        st = ck.load_train_state(resume_from, model, opt, d)
-        loader.load_state_dict(st["loader"], allow_fingerprint_mismatch=cfg.data.allow_change)
-        scaler.load_state_dict(st["scaler"])
-        step, bad_total = int(st["step"]), int(st.get("bad_steps", 0))
-    if d.is_main:  # drop records of steps that will be replayed (all of them on a fresh start)
-        truncate_after(run / "metrics.jsonl", step)
-    barrier(d)
-    start_step = step
+        st = ck.load_train_state(resume_from, lp.model, lp.opt, lp.d)
+        lp.loader.load_state_dict(st["loader"], allow_fingerprint_mismatch=cfg.data.allow_change)
+        lp.scaler.load_state_dict(st["scaler"])
+        lp.step, lp.bad_total = int(st["step"]), int(st.get("bad_steps", 0))
+    if lp.d.is_main:  # drop records of steps that will be replayed (all of them on a fresh start)
+        truncate_after(run / METRICS_FILE, lp.step)
+    barrier(lp.d)
 
+
+def _save(lp: _Loop, s: int, kind: str, meta_base: dict) -> Path:
+    plan = lp.plan
+    state = {"tokens": s * plan.global_tokens, "loader": lp.loader.state_dict(), "scaler": lp.scaler.state_dict(),
+             "bad_steps": lp.bad_total, "plan_steps": plan.steps}
+    p = ck.save_checkpoint(lp.run, s, kind, model=lp.model, base_model=lp.base, optimizer=lp.opt, family=plan.family,
+                           trainer_state=state, meta={**meta_base, "step": s, "tokens": s * plan.global_tokens},
+                           tokenizer=plan.tokenizer, dtype=torch_dtype(lp.cfg.checkpoint.dtype, what="checkpoint.dtype"),
+                           d=lp.d)
+    if lp.d.is_main:
+        ck.prune(lp.run, lp.cfg.checkpoint.keep_last)
+    return p
+
+
+def _optimizer_step(lp: _Loop, s: int, it, params: list) -> tuple[float, float, float, float, bool, float]:
+    """Step ``s``: gradients over this rank's micro-batches, unscale, clip, skip when non-finite, AdamW.
+    Returns (loss, grad norm, lr, wd, applied, seconds)."""
+    cfg, plan, d, scaler = lp.cfg, lp.plan, lp.d, lp.scaler
+    t0 = time.perf_counter()
+    lr, wd = lp.sched.lr(s), lp.sched.wd(s)
+    set_lr_wd(lp.opt, lr, wd)
+    x, y = next(it)
+    x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+    loss_sum = 0.0
+    mult = scaler.loss_multiplier() / plan.accum
+    mb = cfg.batch.micro_batch
+    for i in range(plan.accum):
+        with set_grad_sync(lp.model, i == plan.accum - 1):
+            with autocast(plan.precision, d.device.type):
+                loss = _loss(lp.model, x[i * mb : (i + 1) * mb], y[i * mb : (i + 1) * mb], cfg.train.fused_loss)
+            (loss * mult).backward()
+        loss_sum += loss.detach().float()
+    if scaler.enabled:
+        inv = 1.0 / scaler.scale
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(inv)
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip if cfg.optim.clip > 0 else float("inf"), foreach=True)
+    if hasattr(gn, "full_tensor"):
+        gn = gn.full_tensor()
+    loss_val, gnorm = all_reduce_mean([float(loss_sum) / plan.accum, float(gn)], d)
+    loss_ok = math.isfinite(loss_val)
+    apply = scaler.update(loss_ok and math.isfinite(gnorm))
+    if apply:
+        lp.opt.step()
+        lp.consecutive_bad = 0
+    elif not scaler.enabled or not loss_ok or scaler.scale <= scaler.min_scale:
+        lp.consecutive_bad += 1
+        lp.bad_total += 1
+    lp.opt.zero_grad(set_to_none=True)
+    if d.device.type == "cuda":
+        torch.cuda.synchronize()
+    return loss_val, gnorm, lr, wd, apply, time.perf_counter() - t0
+
+
+def _step_record(lp: _Loop, loss_val, gnorm, lr, wd, apply: bool, dt: float, fpt: float, peak) -> dict:
+    plan, scaler = lp.plan, lp.scaler
+    tps = plan.global_tokens / dt
+    rec = {"step": lp.step, "tokens": lp.step * plan.global_tokens, "loss": loss_val, "lr": lr, "wd": wd,
+           "grad_norm": gnorm, "loss_scale": scaler.scale if scaler.enabled else 1.0, "tok_per_s": tps,
+           "mfu": (tps * fpt / (peak * lp.d.world)) if peak else None, "step_time": dt,
+           **memory_stats(lp.d.device.type)}
+    if not apply:
+        rec["skipped"] = True
+    if scaler.enabled:
+        rec["overflow_skips"] = scaler.overflows
+    return rec
+
+
+def _loop(lp: _Loop) -> None:
+    cfg, plan, d, run = lp.cfg, lp.plan, lp.d, lp.run
+    start_step = lp.step
     logger = MetricsLogger(run, enabled=d.is_main, tensorboard=cfg.log.tensorboard)
     val = _val_windows(cfg, plan) if (cfg.eval.every or cfg.eval.at_end) else []
     fpt = flops_per_token(plan.model_cfg, plan.seq_len)
     peak = device_peak_flops(d.device.type, plan.precision, cfg.log.peak_flops)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in lp.model.parameters() if p.requires_grad]
     meta_base = {"preset": plan.preset, "run": str(run.resolve()), "seq_len": plan.seq_len,
                  "global_tokens": plan.global_tokens}
-    ckdtype = _DTYPES[cfg.checkpoint.dtype]
-
-    def save(s: int, kind: str) -> Path:
-        state = {"tokens": s * plan.global_tokens, "loader": loader.state_dict(), "scaler": scaler.state_dict(),
-                 "bad_steps": bad_total, "plan_steps": plan.steps}
-        p = ck.save_checkpoint(run, s, kind, model=model, base_model=base, optimizer=opt, family=plan.family,
-                               trainer_state=state, meta={**meta_base, "step": s, "tokens": s * plan.global_tokens},
-                               tokenizer=plan.tokenizer, dtype=ckdtype, d=d)
-        if d.is_main:
-            ck.prune(run, cfg.checkpoint.keep_last)
-        return p
-
     bar = None
     if d.is_main and cfg.log.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.steps, initial=step, desc=f"train {plan.family}", unit="step", dynamic_ncols=True)
-    it = iter(loader)
-    model.train()
+        bar = tqdm(total=plan.steps, initial=lp.step, desc=f"train {plan.family}", unit="step", dynamic_ncols=True)
+    it = iter(lp.loader)
+    lp.model.train()
     prof_range = profile_range(cfg.log.profile) if cfg.log.profile else None
     prof = None
     try:
-        while step < plan.steps:
-            s = step + 1
+        while lp.step < plan.steps:
+            s = lp.step + 1
             if prof_range and s == prof_range[0]:
                 prof = _start_profiler(d)
-            t0 = time.perf_counter()
-            lr, wd = sched.lr(s), sched.wd(s)
-            set_lr_wd(opt, lr, wd)
-            x, y = next(it)
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            loss_sum = 0.0
-            mult = scaler.loss_multiplier() / plan.accum
-            mb = cfg.batch.micro_batch
-            for i in range(plan.accum):
-                last = i == plan.accum - 1
-                ctx = set_grad_sync(model, last)
-                with ctx:
-                    with autocast(plan.precision, d.device.type):
-                        loss = _loss(model, x[i * mb : (i + 1) * mb], y[i * mb : (i + 1) * mb], cfg.train.fused_loss)
-                    (loss * mult).backward()
-                loss_sum += loss.detach().float()
-            if scaler.enabled:
-                inv = 1.0 / scaler.scale
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(inv)
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip if cfg.optim.clip > 0 else float("inf"),
-                                                foreach=True)
-            if hasattr(gn, "full_tensor"):
-                gn = gn.full_tensor()
-            loss_val, gnorm = all_reduce_mean([float(loss_sum) / plan.accum, float(gn)], d)
-            loss_ok = math.isfinite(loss_val)
-            finite = loss_ok and math.isfinite(gnorm)
-            apply = scaler.update(finite)
-            if apply:
-                opt.step()
-                consecutive_bad = 0
-            else:
-                bad_at_min = not scaler.enabled or not loss_ok or scaler.scale <= scaler.min_scale
-                if bad_at_min:
-                    consecutive_bad += 1
-                    bad_total += 1
-            opt.zero_grad(set_to_none=True)
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            step = s
-            tps = plan.global_tokens / dt
-            rec = {"step": step, "tokens": step * plan.global_tokens, "loss": loss_val, "lr": lr, "wd": wd,
-                   "grad_norm": gnorm, "loss_scale": scaler.scale if scaler.enabled else 1.0, "tok_per_s": tps,
-                   "mfu": (tps * fpt / (peak * d.world)) if peak else None, "step_time": dt,
-                   **memory_stats(d.device.type)}
-            if not apply:
-                rec["skipped"] = True
-            if scaler.enabled:
-                rec["overflow_skips"] = scaler.overflows
+            loss_val, gnorm, lr, wd, apply, dt = _optimizer_step(lp, s, it, params)
+            step = lp.step = s
+            rec = _step_record(lp, loss_val, gnorm, lr, wd, apply, dt, fpt, peak)
             if step % cfg.log.every == 0 or step == plan.steps or not apply:
                 logger.log(rec)
             if prof is not None and (step == prof_range[1] or step == plan.steps):
@@ -467,26 +513,26 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
                 prof = None
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-            if consecutive_bad >= cfg.train.max_bad_steps:
-                last = ck.latest_checkpoint(run)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:.0f}")
+            if lp.consecutive_bad >= cfg.train.max_bad_steps:
                 raise SpectraError(
-                    f"stopping: {consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step {step}); "
-                    f"last good checkpoint: {last or 'none'}; lower optim.lr, check the data, or raise train.max_bad_steps")
+                    f"stopping: {lp.consecutive_bad} consecutive steps with a non-finite loss or gradient (up to step {step}); "
+                    f"last good checkpoint: {ck.latest_checkpoint(run) or 'none'}; lower optim.lr, check the data, "
+                    "or raise train.max_bad_steps")
             if cfg.eval.every and step % cfg.eval.every == 0 and val and step != plan.steps:
                 logger.log({"step": step, "tokens": step * plan.global_tokens,
-                            "val_loss": evaluate(model, val, plan, d.device, d)})
+                            "val_loss": evaluate(lp.model, val, plan, d.device, d)})
             kind = ck.checkpoint_kind(step, plan.steps, cfg.checkpoint)
             if kind:
-                save(step, kind)
-        if val and cfg.eval.at_end and step > start_step:
-            vl = evaluate(model, val, plan, d.device, d)
-            logger.log({"step": step, "tokens": step * plan.global_tokens, "val_loss": vl})
+                _save(lp, step, kind, meta_base)
+        if val and cfg.eval.at_end and lp.step > start_step:
+            vl = evaluate(lp.model, val, plan, d.device, d)
+            logger.log({"step": lp.step, "tokens": lp.step * plan.global_tokens, "val_loss": vl})
         last = ck.latest_checkpoint(run)
-        if last is None or int(last.name[5:]) != step:
-            last = save(step, "permanent")
+        if last is None or int(last.name[5:]) != lp.step:
+            last = _save(lp, lp.step, "permanent", meta_base)
         if d.is_main:
-            ck.link_or_copy_model(last, run / ck.FINAL)
+            ck.link_or_copy_model(last, run / FINAL_DIR)
         barrier(d)
     finally:
         if prof is not None:  # stopped early by an error: no trace
@@ -494,7 +540,6 @@ def _train(cfg: TrainConfig, d: Dist) -> Path:
         if bar is not None:
             bar.close()
         logger.close()
-    return run
 
 
 def _start_profiler(d: Dist):
