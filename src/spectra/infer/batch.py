@@ -11,7 +11,7 @@ tokens, never on the other items of the step (per-row activation scales, a fixed
 reduction order). The native engine guarantees it bit for bit; the PyTorch engine
 says in ``batch_invariant`` whether its kernels do.
 
-Backends:
+Backends (the table in :mod:`spectra.infer.backends`):
 * native  - packed TriLM directories, the C kernel (``spectra.infer.engine``);
 * torch   - any spectra / HF Llama / QuantLM checkpoint (``spectra.infer.torch_batch``).
 """
@@ -57,23 +57,12 @@ class BatchEngine(Protocol):
 
 def load_batch_engine(path: str | Path, backend: str = "auto", *, max_seqs: int = 16, max_len: int | None = None,
                       n_threads: int | None = None, max_step_tokens: int = 512, **kw) -> BatchEngine:
-    """A batch engine for a packed TriLM directory (native, or torch with backend='torch') or any checkpoint (torch)."""
-    from spectra.errors import SpectraError
-    from spectra.infer.packed_model import is_packed_dir
+    """A batch engine for a packed TriLM directory (native, or torch with backend='torch') or any checkpoint (torch):
+    :func:`spectra.infer.backends.open_batch_engine` (the backend table decides and falls back)."""
+    from spectra.infer.backends import open_batch_engine
 
-    if backend not in ("auto", "native", "torch"):
-        raise SpectraError(f"unknown backend '{backend}'; allowed: auto, native, torch")
-    if is_packed_dir(path) and backend in ("auto", "native"):
-        from spectra.infer.engine import NativeBatchEngine
-
-        return NativeBatchEngine.from_dir(path, max_seqs=max_seqs, max_len=max_len, n_threads=n_threads,
-                                          max_step_tokens=max_step_tokens, **kw)
-    if backend == "native":
-        raise SpectraError(f"'{path}' is not a packed model; the native backend needs 'spectra pack' output (or use --backend torch)")
-    from spectra.infer.torch_batch import TorchBatchEngine
-
-    return TorchBatchEngine.from_path(path, max_seqs=max_seqs, max_len=max_len, n_threads=n_threads,
-                                      max_step_tokens=max_step_tokens)
+    return open_batch_engine(path, backend, max_seqs=max_seqs, max_len=max_len, n_threads=n_threads,
+                             max_step_tokens=max_step_tokens, **kw)
 
 
 __all__ = ["BatchEngine", "load_batch_engine"]

@@ -20,14 +20,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from spectra.errors import SpectraError
 from spectra.infer import packing
-from spectra.infer.packed_model import PackedMatrix, PackedModel, is_packed_dir, linear_names
+from spectra.infer.packed_model import PackedMatrix, PackedModel, linear_names
 
 
 ACTIVATIONS = {"int8": 1, "int8x2": 2}  # int8x2: int8 + int8 residual (~15-bit activations)
@@ -312,10 +311,6 @@ class NativeEngine:
         self.slot = b.acquire()
 
     @property
-    def _state(self):  # the C state (old single-sequence callers; prefer set_pos / truncate)
-        return self.batch._state
-
-    @property
     def pos(self) -> int:
         return self.batch.length(self.slot)
 
@@ -403,43 +398,20 @@ class TorchEngine:
 
 def reference_model(pm: PackedModel):
     """The PyTorch reference of a packed model: a Transformer holding exactly what the file stores."""
-    import torch
+    from spectra.store.modeldir import build_model
 
-    from spectra.checkpoint import load_state
-    from spectra.model import Transformer, rope_tables
-
-    with torch.device("meta"):
-        model = Transformer(pm.cfg)
-    model = model.to_empty(device="cpu")
-    model.rope_cos, model.rope_sin = rope_tables(pm.cfg.head_dim, pm.cfg.max_seq_len, pm.cfg.rope_theta)
-    load_state(model, pm.state_dict(), str(pm.path))
-    return model.eval()
+    return build_model(pm.cfg, pm.state_dict(), source=str(pm.path))
 
 
 def load_engine(path: str | Path, backend: str = "auto", *, max_len: int | None = None,
                 n_threads: int | None = None, kernel: str | None = None, max_batch: int = 128, verify: bool = True,
                 act: str = "int8x2"):
-    """An engine for a packed directory (native, or its torch reference) or any checkpoint (torch)."""
-    from spectra.infer.kernels.build import KernelUnavailable
+    """An engine for a packed directory (native, or its torch reference) or any checkpoint (torch):
+    :func:`spectra.infer.backends.open_engine` (the backend table decides and falls back)."""
+    from spectra.infer.backends import open_engine
 
-    if backend not in ("auto", "native", "torch"):
-        raise SpectraError(f"unknown backend '{backend}'; allowed: auto, native, torch")
-    if is_packed_dir(path):
-        pm = PackedModel.load(path, verify=verify)
-        if backend in ("auto", "native"):
-            try:
-                return NativeEngine(pm, max_len=max_len, n_threads=n_threads, kernel=kernel, max_batch=max_batch, act=act)
-            except KernelUnavailable as e:
-                if backend == "native":
-                    raise
-                warnings.warn(f"native kernel unavailable ({e}); using the PyTorch reference path", stacklevel=2)
-        return TorchEngine(reference_model(pm), max_len=max_len, n_threads=n_threads)
-    if backend == "native":
-        raise SpectraError(f"'{path}' is not a packed model; the native backend needs 'spectra pack' output (or use --backend torch)")
-    from spectra.checkpoint import load_model
-
-    model, _ = load_model(path)
-    return TorchEngine(model, max_len=max_len, n_threads=n_threads)
+    return open_engine(path, backend, verify=verify, max_len=max_len, n_threads=n_threads, kernel=kernel,
+                       max_batch=max_batch, act=act)
 
 
 # ------------------------------------------------------------------ kernel reference math (torch)
