@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import SpectraError, closest
+from spectra.store.dtypes import DTYPE_NAMES
 
 FAMILIES = ("floatlm", "trilm", "bilm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -332,8 +333,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_ranges(cfg)
     if cfg.batch.micro_batch <= 0:
         raise SpectraError("batch.micro_batch must be positive")
-    if cfg.checkpoint.dtype not in ("float32", "float16", "bfloat16"):
-        raise SpectraError(f"checkpoint.dtype '{cfg.checkpoint.dtype}' must be float32, float16 or bfloat16")
+    if cfg.checkpoint.dtype not in DTYPE_NAMES:
+        raise SpectraError(f"checkpoint.dtype '{cfg.checkpoint.dtype}' must be {', '.join(DTYPE_NAMES[:-1])} or {DTYPE_NAMES[-1]}")
     if cfg.checkpoint.keep_last < 1:
         raise SpectraError("checkpoint.keep_last must be >= 1")
     if cfg.train.max_bad_steps < 1:
