@@ -57,13 +57,11 @@ def _native_batch(path, **kw):
 
 
 def _torch(src, kind, *, max_len=None, n_threads=None, dtype=None, **_):
-    from spectra.infer.engine import TorchEngine
+    from spectra.infer.engine import TorchEngine, reference_model
     from spectra.store.kinds import Kind
 
     if kind is Kind.PACKED_TRILM:  # the packed file's exact PyTorch reference
-        from spectra.store.modeldir import build_model
-
-        model = build_model(src.cfg, src.state_dict(), source=str(src.path))
+        model = reference_model(src)
     else:
         from spectra.store.loader import load_dense
 
