@@ -8,7 +8,7 @@ from spectra.config import ModelConfig
 from spectra.model import Transformer
 from spectra.ternary import TernaryLinear, quantize_weight, recover_ternary, ternary_linears, to_ternary
 from spectra.train import read_metrics, train
-from spectra.train.trainer import build_model, make_plan
+from spectra.train.trainer import init_model, plan_run
 
 from tests.test_train_run import cfg_for, data_dir  # noqa: F401
 
@@ -29,8 +29,8 @@ def test_released_trilm_first_forward_is_exact(data_dir, tmp_path, mp):  # noqa:
     assert conf["pretraining_model_parallel"] == mp
     cfg = cfg_for(data_dir, tmp_path / "run", **{"model.init_from": str(src), "model.family": "trilm",
                                                   "schedule.steps": 1, "optim.lr": 1e-3})
-    plan = make_plan(cfg, 512, None, 1, "cpu")
-    model = build_model(plan, cfg)
+    plan = plan_run(cfg, 512, None, 1, "cpu")
+    model = init_model(plan, cfg)
     assert model.cfg.mp == mp and len(ternary_linears(model)) == 14
     stored = dense.state_dict()
     for name, lin in ternary_linears(model):
@@ -61,7 +61,7 @@ def test_floatlm_to_trilm_qat(data_dir, tmp_path):  # noqa: F811
     save_model(f, src, "floatlm")
     cfg = cfg_for(data_dir, tmp_path / "run", **{"model.init_from": str(src), "model.family": "trilm",
                                                   "schedule.steps": 3, "optim.lr": 1e-3})
-    model = build_model(make_plan(cfg, 512, None, 1, "cpu"), cfg)
+    model = init_model(plan_run(cfg, 512, None, 1, "cpu"), cfg)
     lins = ternary_linears(model)
     assert len(lins) == 14 and all(isinstance(m, TernaryLinear) for _, m in lins)
     fsd = f.state_dict()

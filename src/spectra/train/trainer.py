@@ -156,7 +156,7 @@ def _model_config(cfg: TrainConfig, ds_vocab: int):
     return mc.replace(**shape) if shape else mc, preset
 
 
-def make_plan(cfg: TrainConfig, ds_vocab: int, tokenizer, world: int, device_type: str) -> Plan:
+def plan_run(cfg: TrainConfig, ds_vocab: int, tokenizer, world: int, device_type: str) -> Plan:
     mc, preset = _model_config(cfg, ds_vocab)
     fam = cfg.model.family
     ternary = fam in ("trilm", "bilm")
@@ -244,7 +244,7 @@ def _check_run_dir(run: Path, resolved: TrainConfig, resume: str, cfg: TrainConf
         raise SpectraError(f"cannot resume '{run}': the config differs from the run's ({'; '.join(diffs[:3])})")
 
 
-def build_model(plan: Plan, cfg: TrainConfig):
+def init_model(plan: Plan, cfg: TrainConfig):
     """Seeded init on CPU in fp32 (same weights whatever the rank count), or init_from."""
     from spectra.model import Transformer
     from spectra.ternary import to_ternary
@@ -292,7 +292,7 @@ def _loss(model, x, y, fused: bool = True):
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan, device, d: Dist) -> float:
+def validation_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], plan: Plan, device, d: Dist) -> float:
     """Mean next-token loss over fixed validation batches (every rank evaluates all of them)."""
     model.eval()
     tot, n = 0.0, 0
@@ -332,7 +332,7 @@ def _prepare_run(cfg: TrainConfig, d: Dist) -> Plan:
     """The plan; refusals before anything is written; then the run directory with its resolved config."""
     run = Path(cfg.out)
     ds = _open_data(cfg)
-    plan = make_plan(cfg, int(ds.vocab_size), getattr(ds, "tokenizer_path", None), d.world, d.device.type)
+    plan = plan_run(cfg, int(ds.vocab_size), getattr(ds, "tokenizer_path", None), d.world, d.device.type)
     if d.device.type == "cpu":  # before the run directory or the model exist (docs/security.md, Limits)
         from spectra.validate import check_training_memory
 
@@ -373,7 +373,7 @@ class _Loop:
 def _build(cfg: TrainConfig, plan: Plan, d: Dist) -> _Loop:
     from spectra.data import DataLoader
 
-    base = build_model(plan, cfg).to(d.device)
+    base = init_model(plan, cfg).to(d.device)
     if cfg.train.activation_checkpoint:
         from .parallel import apply_activation_checkpointing
 
@@ -521,12 +521,12 @@ def _loop(lp: _Loop) -> None:
                     "or raise train.max_bad_steps")
             if cfg.eval.every and step % cfg.eval.every == 0 and val and step != plan.steps:
                 logger.log({"step": step, "tokens": step * plan.global_tokens,
-                            "val_loss": evaluate(lp.model, val, plan, d.device, d)})
+                            "val_loss": validation_loss(lp.model, val, plan, d.device, d)})
             kind = ck.checkpoint_kind(step, plan.steps, cfg.checkpoint)
             if kind:
                 _save(lp, step, kind, meta_base)
         if val and cfg.eval.at_end and lp.step > start_step:
-            vl = evaluate(lp.model, val, plan, d.device, d)
+            vl = validation_loss(lp.model, val, plan, d.device, d)
             logger.log({"step": lp.step, "tokens": lp.step * plan.global_tokens, "val_loss": vl})
         last = ck.latest_checkpoint(run)
         if last is None or int(last.name[5:]) != lp.step:
