@@ -58,6 +58,35 @@ def test_threads_1_to_4_give_identical_logits(nano, fmt):
             assert np.array_equal(_run(nano / fmt, n, kern), ref), (kern, n)
 
 
+@pytest.mark.parametrize("fmt", ["t2", "t1"])
+def test_chunk_size_and_threads_never_change_logits(nano, fmt, monkeypatch):
+    """Rows are handed out in chunks from a shared counter (whichever thread is free takes the next):
+    chunk sizes (SPECTRA_CHUNK_ROWS, read when a pool starts) and thread counts give the same bits."""
+    lib = load_library()
+    for kern in AVAILABLE:
+        monkeypatch.delenv("SPECTRA_CHUNK_ROWS", raising=False)
+        ref = _run(nano / fmt, 1, kern, decode=2)
+        for chunk, n in (("8", 2), ("8", 3), ("24", 2), ("4096", 2)):
+            monkeypatch.setenv("SPECTRA_CHUNK_ROWS", chunk)
+            assert lib.spx_chunk_rows() == int(chunk)
+            assert np.array_equal(_run(nano / fmt, n, kern, decode=2), ref), (kern, chunk, n)
+    for bad in ("12", "0", "x", "-8", "131072"):  # not a multiple of 8 in [8, 65536]: the default
+        monkeypatch.setenv("SPECTRA_CHUNK_ROWS", bad)
+        assert lib.spx_chunk_rows() == 64, bad
+
+
+def test_matmul_chunks_of_8_rows(monkeypatch):
+    """Many small chunks over 1-4 threads: the scalar single-thread bits on every path."""
+    rng = np.random.default_rng(3)
+    m = _random_matrix(133, 700, 2, "col", "t2", rng)
+    x = rng.normal(size=(9, 700)).astype(np.float32)
+    ref = native_matmul(x, m, kernel="scalar", n_threads=1, levels=2)
+    monkeypatch.setenv("SPECTRA_CHUNK_ROWS", "8")
+    for kern in AVAILABLE:
+        for n in (1, 2, 4):
+            assert np.array_equal(native_matmul(x, m, kernel=kern, n_threads=n, levels=2), ref), (kern, n)
+
+
 def _random_matrix(rows, k, mp, split, fmt, rng):
     q = rng.choice(np.array([-1, 0, 1], dtype=np.int8), size=(rows, k), p=[0.3, 0.4, 0.3])
     return matrix_from_ternary(q, rng.uniform(0.005, 0.05, mp).astype(np.float32), split, fmt)

@@ -7,12 +7,13 @@
  *   matmul  random ternary matrices, formats t2 / t1, mp 1/2/3/6 column- and row-parallel splits,
  *           padded k, rows not a multiple of 4, T = 1..37 activation rows, int8 and int8x2
  *           (k = 2560: several cache-blocking chunks of row groups and of activation rows),
- *           activations, 1 and 3 threads: every path == scalar (memcmp); a row alone == the same row
+ *           activations, 1 and 3 threads (3: chunks of 8 rows, SPECTRA_CHUNK_ROWS, so many chunks are
+ *           taken from the pool's counter): every path == scalar (memcmp); a row alone == the same row
  *           inside T = 37; scalar == a float64 evaluation of the same integer dots (the packer here
  *           and the kernel's decoders agree).
  *   forward a tiny random model (padded dims, mp = 2, vocab not a multiple of 4) with an f16 and a q8
  *           head, int8 / int8x2, fp32 and (where the engine has it) f16 KV cache: prefill (all logits),
- *           decode steps and a ragged two-sequence step on 1 and 2 threads; NEON paths == scalar logits (memcmp). x86 paths are compared in matmul
+ *           decode steps and a ragged two-sequence step on 1 and 2 threads (2: chunks of 8 rows); NEON paths == scalar logits (memcmp). x86 paths are compared in matmul
  *           only (their fp32 forward pieces - exp, FMA head - differ from scalar by design).
  * Prints "paths: ..." then one line per failure and "ALL OK" (exit 0) or "FAILED n" (exit 1). */
 #include "spectra_infer.c"
@@ -139,6 +140,7 @@ static void test_matmuls(const int *kernels, int nk) {
                     for (size_t ti = 0; ti < sizeof(Ts) / sizeof(Ts[0]); ti++)
                         for (int nth = 1; nth <= 3; nth += 2) {
                             int T = Ts[ti];
+                            setenv("SPECTRA_CHUNK_ROWS", nth > 1 ? "8" : "64", 1);  /* read when the pool starts */
                             CHECK(spx_matmul(m, x, T, y, nth, kernels[ki], nl) == 0, "matmul failed");
                             n_cmp++;
                             CHECK(!memcmp(y, ref, sizeof(float) * T * rows), "matmul %s != scalar: fmt t%d rows %d k %d mp %d split %d T %d nl %d threads %d",
@@ -223,6 +225,7 @@ __attribute__((unused)) static spx_state *new_via8(state_new8 f, const spx_model
 
 /* prefill 7 (all logits) + 3 decode steps on slot 0, then a ragged step (slot 0: 1 token, slot 1: 4) */
 static int run_model(const spx_model *m, int kernel, int nl, int nth, int kv, float *out) {
+    setenv("SPECTRA_CHUNK_ROWS", nth > 1 ? "8" : "64", 1);  /* several threads: many small chunks */
     spx_state *s = STATE_NEW(m, 8, 64, 2, nth, kernel, nl, kv);
     if (!s) return -1;
     int V = m->vocab, n = 0;

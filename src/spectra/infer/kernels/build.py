@@ -15,6 +15,7 @@ Environment:
   SPECTRA_KERNEL=auto|scalar|avx2|avxvnni|avx512|neon|i8mm  force a code path (default auto = best the CPU has)
   SPECTRA_KERNEL_CACHE=DIR                where built libraries live (default ~/.cache/spectra/kernels)
   SPECTRA_SPIN_US=N                       how long a waiting thread spins before it sleeps (default 50)
+  SPECTRA_CHUNK_ROWS=N                    output rows per chunk handed to a thread (multiple of 8, default 64)
   CC=...                                  compiler (default: cc, gcc or clang from PATH)
 """
 
@@ -145,6 +146,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spx_last_error.argtypes, lib.spx_last_error.restype = [], I
     lib.spx_cpu_count.argtypes, lib.spx_cpu_count.restype = [], I
     lib.spx_max_threads.argtypes, lib.spx_max_threads.restype = [], I
+    lib.spx_chunk_rows.argtypes, lib.spx_chunk_rows.restype = [], I
 
 
 def load_library() -> ctypes.CDLL:

@@ -105,6 +105,23 @@ static inline void split_range(int n, int tid, int nth, int *lo, int *hi) {
     *hi = *lo + per + (tid < rem);
 }
 
+/* Output rows are handed out in chunks (pool_next): n rows cut in chunks of `rows` (a multiple of 8),
+ * chunk c = rows [c * rows, min(n, (c + 1) * rows)). Chunk starts are multiples of 8 and only the last
+ * chunk holds the n % 8 tail, so the tile path of a row (groups of 4 in mm_tern / head_rows, 8-wide
+ * SiLU) depends on its index only - never on the thread count or on which thread takes the chunk:
+ * part of the batch-invariance contract. */
+static inline int n_chunks(int n, int rows) { return (n + rows - 1) / rows; }
+static inline void chunk_range(int n, int rows, int c, int *lo, int *hi) {
+    *lo = c * rows;
+    *hi = n - *lo < rows ? n : *lo + rows;
+}
+/* attention (row, head) pairs per chunk: ~8 chunks per thread, at least 1 pair (each pair is computed
+ * alone, so the split never changes a result) */
+static inline int pair_chunk(int npairs, int nth) {
+    int pc = npairs / (8 * nth);
+    return pc < 1 ? 1 : pc;
+}
+
 /* ------------------------------------------------------------------ helpers */
 static inline float f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff, f;
@@ -145,6 +162,19 @@ static void decode_block_scalar(int fmt, const uint8_t *w, uint8_t *out) {
     }
 }
 
+/* ------------------------------------------------------------------ per-thread scratch
+ * Everything a matmul or the activation quantizer needs besides its inputs and outputs, allocated once
+ * per thread with the state (or per spx_matmul call) and sized from the model: a forward step
+ * allocates nothing, so it cannot fail halfway; an allocation that fails fails the creation. */
+#define SPX_CODES_BYTES 65536  /* mm_tern decodes GC = SPX_CODES_BYTES / (4 kp) groups of 4 rows at a time (>= 1) */
+typedef struct {
+    uint8_t *codes, *ci; /* decoded codes of GC row groups, and their interleave (avx512, i8mm) */
+    int8_t *xp;          /* the activations rearranged once per quantization (act_prep: avx512 decode, i8mm prefill) */
+    int32_t *xsT;        /* [block][activation row] per-block activation sums (avx512 prefill) */
+    float *sdT;          /* [block][activation row] activation scale x column scale */
+    float *res;          /* the int8x2 quantizer's residual (kp floats) */
+} spx_scratch;
+
 /* ------------------------------------------------------------------ engine state
  * max_seqs sequence slots, each a fixed KV-cache region of max_len positions (docs/packed-format.md,
  * "Multi-sequence engine"); a step carries up to max_t rows (tokens) from any slots. */
@@ -152,6 +182,7 @@ typedef struct spx_state {
     const spx_model *m;
     int kernel, max_t, max_len, max_seqs, n_threads, act_levels;
     spx_pool *pool;
+    spx_scratch *scr;       /* [n_threads] */
     float *x, *xn, *q, *kk, *v, *att, *g, *u, *h, *scores;
     int8_t *xq;
     float *xd;
@@ -186,15 +217,6 @@ static inline uint16_t f32_to_f16(float f) {
     uint32_t h = mant >> shift, rem = mant & ((1u << shift) - 1), half = 1u << (shift - 1);
     if (rem > half || (rem == half && (h & 1))) h++;
     return (uint16_t)(sign | h);
-}
-
-/* Split n output rows between threads in units of 8 (the tail n % 8 goes to the last thread): the
- * tile path of a row (groups of 4 in mm_tern / head_rows, 8-wide SiLU) then depends on its index
- * only, never on the thread count - part of the batch-invariance contract. */
-static inline void split_aligned(int n, int tid, int nth, int *lo, int *hi) {
-    split_range(n / 8, tid, nth, lo, hi);
-    *lo *= 8;
-    *hi = tid == nth - 1 ? n : *hi * 8;
 }
 
 /* ------------------------------------------------------------------ per-ISA code */
@@ -295,6 +317,35 @@ int spx_best_kernel(void) {
 
 static int kp_of(int k) { return (k + QK - 1) / QK * QK; }
 
+static void *alloc64(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64 + 64); }
+
+static void scratch_free(spx_scratch *sc, int n) {
+    if (!sc) return;
+    for (int i = 0; i < n; i++) {
+        free(sc[i].codes); free(sc[i].ci); free(sc[i].xp); free(sc[i].xsT); free(sc[i].sdT); free(sc[i].res);
+    }
+    free(sc);
+}
+
+/* n threads' scratch for matrices of up to max_kp padded columns x max_r activation rows (tokens x
+ * levels); NULL (nothing leaked) when memory cannot be had */
+static spx_scratch *scratch_new(int n, int max_kp, int max_r, int kernel) {
+    spx_scratch *sc = calloc((size_t)n, sizeof(*sc));
+    if (!sc) return NULL;
+    size_t kp = (size_t)max_kp, nb = kp / QK, rp = ((size_t)max_r + 7) / 8 * 8;  /* rows padded to a tile (CT_MAX) */
+    size_t codes = 4 * kp > SPX_CODES_BYTES ? 4 * kp : SPX_CODES_BYTES;
+    /* xp: t2 decode permutes <= 2 rows (avx512); i8mm pairs all rows, an odd last one with zeros */
+    size_t xp = (kernel == K_I8MM ? (size_t)max_r + 1 : 2) * kp;
+    for (int i = 0; i < n; i++) {
+        spx_scratch *c = &sc[i];
+        c->codes = alloc64(codes); c->ci = alloc64(codes); c->xp = alloc64(xp);
+        c->xsT = calloc(nb * rp, sizeof(int32_t)); c->sdT = calloc(nb * rp, sizeof(float));
+        c->res = malloc(kp * sizeof(float));
+        if (!c->codes || !c->ci || !c->xp || !c->xsT || !c->sdT || !c->res) { scratch_free(sc, n); return NULL; }
+    }
+    return sc;
+}
+
 /* KV caches: anonymous mmap on Linux (zero pages on demand; calloc may instead take heap memory
  * and memset all of it, making every slot resident at once), calloc elsewhere. */
 static void *kv_alloc(size_t bytes) {
@@ -328,6 +379,7 @@ enum { SPX_EROWS = -1, SPX_EFULL = -2, SPX_ETOKEN = -3, SPX_ESLOT = -6, SPX_EDUP
 void spx_state_free(spx_state *s) {
     if (!s) return;
     pool_free(s->pool);
+    scratch_free(s->scr, s->n_threads);
     free(s->x); free(s->xn); free(s->q); free(s->kk); free(s->v); free(s->att);
     free(s->g); free(s->u); free(s->h); free(s->scores); free(s->xq); free(s->xd); free(s->xs);
     kv_free(s->kcache, kv_slot_bytes(s) * s->max_seqs); kv_free(s->vcache, kv_slot_bytes(s) * s->max_seqs);
@@ -361,6 +413,7 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seq
     }
     if (m->head_kp > maxk) maxk = m->head_kp;
     if (kp_of(D) > maxk) maxk = kp_of(D);
+    if (maxk > MAX_NB * QK) { free(s); return NULL; }  /* mm_tern's per-block column scales live on the stack */
     s->max_kp = maxk; s->max_nb = maxk / QK;
     size_t T = (size_t)max_t;
     size_t NT = (size_t)s->n_threads;
@@ -374,7 +427,8 @@ spx_state *spx_state_new(const spx_model *m, int max_t, int max_len, int max_seq
     s->kcache = kv_alloc(kv_slot_bytes(s) * max_seqs); s->vcache = kv_alloc(kv_slot_bytes(s) * max_seqs);
     s->slot_len = calloc((size_t)max_seqs, 4); s->seen = calloc((size_t)max_seqs, 1);
     s->row_slot = calloc(T, 4); s->row_pos = calloc(T, 4); s->out_rows = calloc(T, 4);
-    if (!s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
+    s->scr = scratch_new(s->n_threads, maxk, 2 * max_t, kernel);
+    if (!s->scr || !s->x || !s->xn || !s->q || !s->kk || !s->v || !s->att || !s->g || !s->u || !s->h || !s->scores ||
         !s->xq || !s->xd || !s->xs || !s->kcache || !s->vcache || !s->slot_len || !s->seen || !s->row_slot ||
         !s->row_pos || !s->out_rows) {
         spx_state_free(s);
@@ -491,39 +545,44 @@ int spx_forward(spx_state *s, const int32_t *tokens, int T, float *logits, int a
 /* --- single operations, for tests and the benchmark (same code as the forward) --- */
 typedef struct {
     const spx_mat *mat; const float *x; int T; int nl; float *out; int kernel;
-    int8_t *xq; float *xd; int32_t *xs; spx_pool *pool;
+    int8_t *xq; float *xd; int32_t *xs; spx_pool *pool; spx_scratch *scr;
 } matmul_job;
 
 static void matmul_job_fn(void *a_, int tid) {
     matmul_job *a = (matmul_job *)a_;
+    spx_scratch *sc = a->scr + tid;
     switch (a->kernel) {
 #ifdef SPX_X86
-    case K_AVX512: op_matmul_avx512(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
-    case K_AVX2: op_matmul_avx2(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
-    case K_AVXVNNI: op_matmul_avxvnni(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    case K_AVX512: op_matmul_avx512(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, sc); break;
+    case K_AVX2: op_matmul_avx2(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, sc); break;
+    case K_AVXVNNI: op_matmul_avxvnni(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, sc); break;
 #endif
 #ifdef SPX_ARM
-    case K_I8MM: op_matmul_i8mm(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
-    case K_NEON: op_matmul_neon(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    case K_I8MM: op_matmul_i8mm(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, sc); break;
+    case K_NEON: op_matmul_neon(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, sc); break;
 #endif
-    default: op_matmul_scalar(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, tid); break;
+    default: op_matmul_scalar(a->mat, a->x, a->T, a->nl, a->out, a->xq, a->xd, a->xs, a->pool, sc); break;
     }
 }
 
-/* out[T, rows] = x[T, k] @ (gamma W_hat)^T with int8 activations. */
+/* out[T, rows] = x[T, k] @ (gamma W_hat)^T with int8 activations. 0, or a negative code: -4 kernel not
+ * supported, -5 bad arguments, SPX_E_* (spx_last_error says the same) threads or memory. */
 int spx_matmul(const spx_mat *mat, const float *x, int T, float *out, int n_threads, int kernel, int nl) {
     if (kernel == K_AUTO) kernel = spx_best_kernel();
     if (!spx_cpu_supports(kernel)) return -4;
+    if (nl < 1 || nl > 2 || T < 0 || mat->kp < QK || mat->kp % QK || mat->kp > MAX_NB * QK) return -5;
+    if (T == 0) return 0;
     int nb = mat->kp / QK;
-    if (nl < 1 || nl > 2) return -5;
     spx_pool *pool = pool_new(n_threads);
     if (!pool) return spx_err;
-    matmul_job a = {mat, x, T, nl, out, kernel, aligned_alloc(64, ((size_t)nl * T * mat->kp + 63) / 64 * 64 + 64),
-                    malloc((size_t)nl * T * nb * 4), malloc((size_t)nl * T * nb * 4), pool};
-    int rc = a.xq && a.xd && a.xs ? 0 : SPX_E_NOMEM;
+    matmul_job a = {mat, x, T, nl, out, kernel, alloc64((size_t)nl * T * mat->kp), malloc((size_t)nl * T * nb * 4),
+                    malloc((size_t)nl * T * nb * 4), pool, scratch_new(pool->n, mat->kp, nl * T, kernel)};
+    int rc = a.xq && a.xd && a.xs && a.scr ? 0 : SPX_E_NOMEM;
     if (!rc) pool_run(a.pool, matmul_job_fn, &a);
+    scratch_free(a.scr, pool->n);
     pool_free(a.pool);
     free(a.xq); free(a.xd); free(a.xs);
+    spx_err = rc;
     return rc;
 }
 
@@ -531,15 +590,19 @@ int spx_matmul(const spx_mat *mat, const float *x, int T, float *out, int n_thre
 int spx_quantize(const float *x, int T, int k, int nseg, int kp, int nl, int8_t *q, float *d, int32_t *isum, int kernel) {
     if (kernel == K_AUTO) kernel = spx_best_kernel();
     if (!spx_cpu_supports(kernel)) return -4;
+    float *res = malloc((size_t)(k > 0 ? k : 1) * sizeof(float));  /* the int8x2 residual */
+    spx_err = res ? 0 : SPX_E_NOMEM;
+    if (!res) return SPX_E_NOMEM;
     for (int t = 0; t < T; t++) {
         int nb = kp / QK;
 #ifdef SPX_X86
-        if (kernel == K_AVX2) { quant_act_avx2(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
-        if (kernel == K_AVX512) { quant_act_avx512(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
-        if (kernel == K_AVXVNNI) { quant_act_avxvnni(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb); continue; }
+        if (kernel == K_AVX2) { quant_act_avx2(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb, res); continue; }
+        if (kernel == K_AVX512) { quant_act_avx512(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb, res); continue; }
+        if (kernel == K_AVXVNNI) { quant_act_avxvnni(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb, res); continue; }
 #endif
-        quant_act_scalar(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb);
+        quant_act_scalar(x + (size_t)t * k, k, nseg, kp, nl, q + (size_t)t * nl * kp, d + t * nl * nb, isum + t * nl * nb, res);
     }
+    free(res);
     return 0;
 }
 
