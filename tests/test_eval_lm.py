@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="transformers not installed (the hf e
 pytest.importorskip("accelerate", reason="accelerate not installed (lm-eval's hf backend needs it; scripts/setup.sh --test installs it)")
 
 import spectra.eval  # noqa: E402  (registers "spectra")
-from spectra.eval import engine  # noqa: E402
+from spectra.eval import scoring  # noqa: E402
 from helpers.random_llama import make_random_llama  # noqa: E402
 from spectra.eval.perplexity import window_requests  # noqa: E402
 from conftest import Req  # noqa: E402
@@ -120,7 +120,7 @@ def test_rolling_windows_match_hf_when_text_exceeds_context(tiny):
     assert abs(a - b) < 1e-3
     p = window_requests(ours.tok_encode(text), ours.prefix_token_id, 64, 64)
     assert len(p) > 3
-    c = sum(ll for ll, _ in engine.score(ours.model, p, max_length=64))
+    c = sum(ll for ll, _ in scoring.score(ours.model, p, max_length=64))
     assert abs(c - a) < 1e-3
 
 
@@ -145,7 +145,7 @@ def test_tree_batching_equals_one_request_at_a_time(tiny):
     ctxs = [torch.randint(1, 50000, (n,), generator=g).tolist() for n in (5, 17, 1, 40)]
     reqs = [(c, torch.randint(1, 50000, (k,), generator=g).tolist()) for c in ctxs for k in (1, 3, 7)]
     reqs.append((ctxs[1], reqs[4][1]))  # an exact duplicate
-    batched = engine.score(model, reqs, max_length=48, batch_size=3, max_batch_tokens=64)
+    batched = scoring.score(model, reqs, max_length=48, batch_size=3, max_batch_tokens=64)
     for (ctx, cont), (ll, greedy) in zip(reqs, batched):
         full = (ctx + cont)[-49:]
         with torch.no_grad():
@@ -153,7 +153,7 @@ def test_tree_batching_equals_one_request_at_a_time(tiny):
         ref = logp.gather(1, torch.tensor(cont)[:, None]).sum().item()
         assert abs(ll - ref) < 1e-4
         assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
-    rows = engine.plan_rows(reqs, 48)
+    rows = scoring.plan_rows(reqs, 48)
     assert len(rows) < len(reqs)  # prefixes were shared
 
 

@@ -8,7 +8,7 @@ Semantics mirror lm-eval's own ``hf`` model (``lm_eval/models/huggingface.py``):
 the same tokenizer (loaded with transformers from the model directory), the same
 context/continuation split (``TemplateLM._encode_pair``), the same left truncation
 and dropped last token, the same rolling windows for perplexity and the same stop
-handling for generation. Only the execution differs (see :mod:`spectra.eval.engine`).
+handling for generation. Only the execution differs (see :mod:`spectra.eval.scoring`).
 
 model_args: ``pretrained`` (dir), ``tokenizer`` (dir or tokenizer.json),
 ``batch_size`` (rows per forward), ``max_batch_tokens``, ``max_length``, ``dtype``
@@ -34,7 +34,7 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from spectra.eval import engine
+from spectra.eval import scoring
 from spectra.eval.loading import describe, load_for_eval
 
 eval_logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class SpectraLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, desc: str = "loglikelihood"):
         t0 = time.perf_counter()
         pbar = _req_bar(len(requests), desc, disable_tqdm or self.rank != 0)
-        res = engine.score(self._model, [(list(c), list(t)) for _, c, t in requests], max_length=self.max_length,
+        res = scoring.score(self._model, [(list(c), list(t)) for _, c, t in requests], max_length=self.max_length,
                            batch_size=self.batch_size, max_batch_tokens=self.max_batch_tokens, device=self._device,
                            pbar=pbar)
         pbar.close()
@@ -177,10 +177,10 @@ class SpectraLM(TemplateLM):
         from spectra.model import KVCache
 
         m = self._model
-        if engine.is_native(m):  # packed TriLM: the C engine keeps its own KV cache
+        if scoring.is_native(m):  # packed TriLM: the C engine keeps its own KV cache
             m.reset()
             step = lambda toks: torch.from_numpy(m.forward(toks)).float()  # noqa: E731
-        elif engine.is_tree_capable(m):
+        elif scoring.is_tree_capable(m):
             cache = KVCache.empty(m.cfg, 1, len(ctx) + max_new, dtype=m.embed_tokens.weight.dtype, device=self._device)
             step = lambda toks: m(torch.tensor([toks], device=self._device), cache)[0, -1].float()  # noqa: E731
         else:  # a bare callable model: recompute the whole sequence each step

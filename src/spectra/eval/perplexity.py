@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from spectra.errors import SpectraError
-from spectra.eval import engine
+from spectra.eval import scoring
 
 
 def window_requests(ids: list[int], prefix_token: int, seq_len: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -75,7 +75,7 @@ def perplexity(ckpt_or_model, files, seq_len: int | None = None, stride: int | N
             raise SpectraError(f"{p}: no tokens (empty text)")
         reqs = window_requests(ids, int(prefix), seq_len, stride)
         bar = tqdm(total=len(reqs), desc=f"ppl {p.name}", unit="win", disable=not progress)
-        res = engine.score(ld.model, reqs, max_length=seq_len, batch_size=batch_size,
+        res = scoring.score(ld.model, reqs, max_length=seq_len, batch_size=batch_size,
                            max_batch_tokens=max(seq_len * batch_size, seq_len), pbar=bar)
         bar.close()
         nll = -sum(ll for ll, _ in res)
@@ -149,7 +149,7 @@ def validation_loss(model, data_dir, seq_len: int = 512, max_windows: int | None
         raise SpectraError(f"'{data_dir}': token ids outside the model vocabulary [0, {vocab}); wrong tokenizer/shards?")
     reqs = [(w[:1], w[1:]) for w in wins]
     bar = tqdm(total=len(reqs), desc="val loss", unit="win", disable=not progress)
-    res = engine.score(m, reqs, max_length=seq_len, batch_size=batch_size, max_batch_tokens=seq_len * batch_size, pbar=bar)
+    res = scoring.score(m, reqs, max_length=seq_len, batch_size=batch_size, max_batch_tokens=seq_len * batch_size, pbar=bar)
     bar.close()
     if info is not None:
         info.update(ident, windows=len(reqs), seq_len=seq_len)
