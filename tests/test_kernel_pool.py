@@ -189,6 +189,71 @@ def test_pthread_create_failure_is_reported_not_fatal(tmp_path):
     assert lines[-1] == "SAME True"
 
 
+ALLOC_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+static int left = -1;  /* aligned_alloc calls that still succeed before one fails; -1: all */
+void shim_fail_after(int n) { left = n; }
+void *aligned_alloc(size_t align, size_t n) {
+    static void *(*real)(size_t, size_t);
+    if (!real) real = dlsym(RTLD_NEXT, "aligned_alloc");
+    if (left == 0) { left = -1; return NULL; }
+    if (left > 0) left--;
+    return real(align, n);
+}
+"""
+
+
+def test_failed_allocations_are_errors_not_crashes(nano, tmp_path):
+    """Each big buffer of a matmul and of an engine state (activations, per-thread scratch) failing in
+    turn: a SpectraError naming the cause, never a crash; afterwards everything works with the same bits."""
+    cc = os.environ.get("CC") or "cc"
+    (tmp_path / "shim.c").write_text(ALLOC_SHIM)
+    r = subprocess.run([cc, "-shared", "-fPIC", "-o", str(tmp_path / "shim.so"), str(tmp_path / "shim.c"), "-ldl"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        pytest.skip(f"cannot build the aligned_alloc shim: {r.stderr[-300:]}")
+    code = textwrap.dedent(f"""
+        import ctypes, numpy as np
+        from spectra.errors import SpectraError
+        from spectra.infer.engine import load_engine, matrix_from_ternary, native_matmul
+        shim = ctypes.CDLL({str(tmp_path / 'shim.so')!r})
+        rng = np.random.default_rng(0)
+        m = matrix_from_ternary(rng.integers(-1, 2, (40, 600)).astype(np.int8), np.ones(2, np.float32), "row", "t2")
+        x = rng.normal(size=(5, 600)).astype(np.float32)
+        ref = native_matmul(x, m, n_threads=2, levels=2)
+        eng = load_engine({str(nano / 't2')!r}, "native", max_len=16, n_threads=2)
+        lref = eng.forward([1, 2, 3], all_logits=True)
+        eng.close()
+        for n in range(10):
+            for what in ("matmul", "engine"):
+                shim.shim_fail_after(n)
+                try:
+                    if what == "matmul":
+                        ok = np.array_equal(native_matmul(x, m, n_threads=2, levels=2), ref)
+                    else:
+                        eng = load_engine({str(nano / 't2')!r}, "native", max_len=16, n_threads=2)
+                        ok = np.array_equal(eng.forward([1, 2, 3], all_logits=True), lref)
+                        eng.close()
+                    print(what, n, "OK" if ok else "DIFFERENT")
+                except SpectraError as e:
+                    print(what, n, "ERR", e)
+                shim.shim_fail_after(-1)
+        print("SAME", bool(np.array_equal(native_matmul(x, m, n_threads=2, levels=2), ref)))
+        """)
+    env = dict(os.environ, LD_PRELOAD=str(tmp_path / "shim.so"), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "SAME True", lines
+    errs = {w: [ln for ln in lines if ln.startswith(w) and " ERR " in ln] for w in ("matmul", "engine")}
+    assert errs["matmul"] and all("out of memory" in ln for ln in errs["matmul"]), lines
+    assert errs["engine"] and all("cannot allocate the state" in ln for ln in errs["engine"]), lines
+    assert not [ln for ln in lines if "DIFFERENT" in ln], lines
+    assert any(ln.startswith("matmul 9 OK") for ln in lines) and any(ln.startswith("engine 9 OK") for ln in lines), lines
+
+
 def test_pool_finishes_next_to_a_busy_process(nano):
     """One process spinning on a core: a 2-thread engine (whose waits sleep after a short spin) still
     completes - bounded by a generous timeout, no timing assertion - with unchanged logits."""
