@@ -124,10 +124,10 @@ def test_failed_start_leaves_no_config_behind(data_dir, tmp_path, monkeypatch):
     def broken(plan, cfg):
         raise SpectraError("model.init_from 'x' is broken")
 
-    monkeypatch.setattr(tr, "build_model", broken)
+    monkeypatch.setattr(tr, "init_model", broken)
     with pytest.raises(SpectraError, match="is broken"):
         train(cfg)
-    assert not (run / tr.CONFIG_FILE).exists()
+    assert not (run / tr.RUN_CONFIG).exists()
     assert not (run.parent / f".{run.name}.lock").exists()
     monkeypatch.undo()
     train(cfg)  # a plain rerun: not "already holds a run"
