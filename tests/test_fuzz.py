@@ -17,6 +17,7 @@ Default run: >= 500 in-process cases; ``-m slow``: >= 10,000 and more CLI cases.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -77,6 +78,10 @@ def make_seeds(d: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- mutations
+def _weird(rng: random.Random):
+    return copy.deepcopy(rng.choice(WEIRD))  # a fresh object: a shared one could form cycles (or mutate WEIRD)
+
+
 def _walk(obj, path=()):
     yield path
     if isinstance(obj, dict):
@@ -105,13 +110,13 @@ def mutate_json(obj, rng: random.Random):
     if op == 0 and isinstance(parent, dict):
         del parent[key]
     elif op == 1 and isinstance(parent, dict):
-        parent[rng.choice(["x", "__metadata__", "dtype", "shape", "model", "k"])] = rng.choice(WEIRD)
+        parent[rng.choice(["x", "__metadata__", "dtype", "shape", "model", "k"])] = _weird(rng)
     elif op == 2 and isinstance(cur, (int, float)) and not isinstance(cur, bool):
         parent[key] = rng.choice([cur * 2, cur + 1, cur - 1, -cur, cur * 10**9, float(cur), 0, str(cur)])
     elif op == 3 and isinstance(cur, list) and cur:
         parent[key] = rng.choice([cur[::-1], cur[:-1], cur + cur[-1:], [cur]])
     else:
-        parent[key] = rng.choice(WEIRD)
+        parent[key] = _weird(rng)
     return obj
 
 
