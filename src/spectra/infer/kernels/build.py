@@ -34,7 +34,7 @@ from pathlib import Path
 from spectra.errors import SpectraError
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("spectra_infer.c", "pool.inc", "kernels.inc", "x86.inc", "neon.inc", "forward.inc")
+SOURCES = ("spectra_infer.c", "pool.inc", "kernels.inc", "x86.inc", "neon.inc", "forward.inc", "ops.inc")
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
 KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "neon": 4, "i8mm": 5, "avxvnni": 6}
 KERNEL_NAMES = {v: k for k, v in KERNELS.items()}
