@@ -22,6 +22,17 @@ COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 
 
+def split_of(name: str) -> str:
+    """Model-parallel split of a block linear ("col" or "row") from its module or parameter name (no torch: packed loaders use it)."""
+    parts = name.split(".")
+    leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+    if leaf in COLUMN_PARALLEL:
+        return "col"
+    if leaf in ROW_PARALLEL:
+        return "row"
+    raise SpectraError(f"'{name}' is not a transformer-block linear layer ({', '.join(COLUMN_PARALLEL + ROW_PARALLEL)})")
+
+
 def padded_vocab(vocab: int, mp: int = 1) -> int:
     """Embedding rows padded to a multiple of 128 x MP (GPT-NeoX rule: 50277 -> 50304)."""
     if vocab <= 0:

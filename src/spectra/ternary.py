@@ -22,23 +22,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from spectra.config import COLUMN_PARALLEL, ROW_PARALLEL
+from spectra.config import COLUMN_PARALLEL, ROW_PARALLEL, split_of  # noqa: F401  (split_of re-exported)
 from spectra.errors import SpectraError
 
 EPS = 1e-5
 Split = Literal["col", "row"]  # "col": column-parallel (split output rows); "row": split input columns
 Mode = Literal["ternary", "binary"]
-
-
-def split_of(name: str) -> Split:
-    """Model-parallel split of a block linear from its module or parameter name."""
-    parts = name.split(".")
-    leaf = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
-    if leaf in COLUMN_PARALLEL:
-        return "col"
-    if leaf in ROW_PARALLEL:
-        return "row"
-    raise SpectraError(f"'{name}' is not a transformer-block linear layer ({', '.join(COLUMN_PARALLEL + ROW_PARALLEL)})")
 
 
 def _blocks(w: torch.Tensor, mp: int, split: Split) -> torch.Tensor:

@@ -249,7 +249,7 @@ def expected_tensors(cfg: ModelConfig, fmt: str, head: str) -> dict[str, tuple[s
 
 def expected_linear(cfg: ModelConfig) -> dict[str, tuple[int, int, str]]:
     """Block linears -> (rows, k, split) implied by the model shape."""
-    from spectra.ternary import split_of
+    from spectra.config import split_of
 
     shape = {"gate_proj": (cfg.ffn_dim, cfg.dim), "up_proj": (cfg.ffn_dim, cfg.dim), "down_proj": (cfg.dim, cfg.ffn_dim)}
     return {n: (*shape.get(n.rsplit(".", 1)[-1], (cfg.dim, cfg.dim)), split_of(n)) for n in linear_names(cfg)}
