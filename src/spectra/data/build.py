@@ -106,7 +106,7 @@ class ShardWriter:
         return self.shards
 
 
-def _is_data_dir(p: Path) -> bool:
+def is_data_dir(p: Path) -> bool:
     """A directory an older `spectra data build` wrote (before output markers): it has a manifest."""
     return (p / mf.MANIFEST).is_file()
 
@@ -331,7 +331,7 @@ def build_dataset(
     inputs = [p for p in (source, tok_file) if p is not None and Path(str(p)).exists()]
     # --out policy (docs/security.md): replace only a data directory, an empty one, or with force;
     # never one holding the corpus or tokenizer. The lock makes concurrent builds of it wait or fail.
-    with claim_output(out_dir, "data build", inputs=inputs, force=force, owned=_is_data_dir, wait=wait_lock):
+    with claim_output(out_dir, "data build", inputs=inputs, force=force, owned=is_data_dir, wait=wait_lock):
         _remove_stale_temps(out_dir)
         if out_dir.exists() and not force:
             if (out_dir / mf.MANIFEST).is_file():

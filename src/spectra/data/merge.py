@@ -90,7 +90,7 @@ def _check_parts(parts: list[Path]) -> list[dict]:
 def merge_partitions(parts: list, out_dir, *, force: bool = False, progress: bool = True,
                      log: Callable[[str], None] | None = None) -> Path:
     """Join partition directories (any order) into ``out_dir``, identical to a single build of the source."""
-    from spectra.data.build import ShardWriter, _is_data_dir
+    from spectra.data.build import ShardWriter, is_data_dir
     from spectra.fsutil import atomic_dir, atomic_write_json, claim_output
 
     log = log or (lambda m: print(m, file=sys.stderr) if progress else None)
@@ -105,7 +105,7 @@ def merge_partitions(parts: list, out_dir, *, force: bool = False, progress: boo
             mf.verify_split(d, m, split, "full")  # nothing unverified goes into the merged stream
     m0 = ms[0]
     t0 = time.perf_counter()
-    with claim_output(Path(out_dir), "data merge", inputs=parts, force=force, owned=_is_data_dir):
+    with claim_output(Path(out_dir), "data merge", inputs=parts, force=force, owned=is_data_dir):
         with atomic_dir(Path(out_dir)) as tmp:
             shutil.copyfile(parts[0] / m0["tokenizer"]["file"], tmp / m0["tokenizer"]["file"])
             splits = {}

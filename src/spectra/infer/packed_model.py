@@ -104,52 +104,45 @@ def _ternary_of(name: str, w, mp: int, split: str):
             f"(check 'pretraining_model_parallel' in config.json if this is one)") from None
 
 
-def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str = "f16",
-                 progress: bool = True) -> dict:
-    """Pack a TriLM checkpoint directory into ``out`` atomically. Returns the metadata dict."""
-    import torch
-    from safetensors.numpy import save_file
-    from tqdm import tqdm
+def _f16(name: str, t) -> np.ndarray:
+    h = t.float().numpy().astype(np.float16)
+    if not np.all(np.isfinite(h)):
+        raise SpectraError(f"tensor '{name}' has values outside the float16 range; cannot store it in 16 bits")
+    return h
 
-    from spectra.checkpoint import family_of, from_hf_names, model_config_from_hf, read_config, read_weights
-    from spectra.fsutil import atomic_dir, atomic_write_json
-    from spectra.ternary import dequantize, split_of
 
-    packing.check_format(fmt)
-    if head not in packing.HEADS:
-        raise SpectraError(f"unknown head format '{head}'; allowed: {', '.join(packing.HEADS)}")
-    ckpt = Path(ckpt)
-    d = read_config(ckpt)
-    cfg = model_config_from_hf(d, str(ckpt / "config.json"))
-    sd = from_hf_names(read_weights(ckpt))
+def _read_checkpoint(ckpt: Path, head: str):
+    """(shape, config dict, spectra-named state dict) of a TriLM checkpoint, checked before any packing."""
+    from spectra.store import from_hf_names, read_model_config, read_weights
     from spectra.validate import check_config_shapes
 
-    check_config_shapes(cfg, {k: tuple(v.shape) for k, v in sd.items()}, str(ckpt))  # before any packing
-    names = linear_names(cfg)
-    missing = [n for n in names + ["embed_tokens", "lm_head", "norm"] if f"{n}.weight" not in sd]
+    cfg, d = read_model_config(ckpt)
+    sd = from_hf_names(read_weights(ckpt))
+    check_config_shapes(cfg, {k: tuple(v.shape) for k, v in sd.items()}, str(ckpt))
+    missing = [n for n in linear_names(cfg) + ["embed_tokens", "lm_head", "norm"] if f"{n}.weight" not in sd]
     if missing:
         raise SpectraError(f"{ckpt}: missing tensor '{missing[0]}.weight'")
     if head == "q8" and cfg.dim % 32:
         raise SpectraError(f"--head q8 needs dim divisible by 32 (got {cfg.dim}); use --head f16")
-    tensors: dict[str, np.ndarray] = {}
-    meta_t: dict[str, dict] = {}
-    src_dtype = str(sd["embed_tokens.weight"].dtype).removeprefix("torch.")
+    return cfg, d, sd
 
-    def f16(name, t):
-        a = t.float().numpy()
-        h = a.astype(np.float16)
-        if not np.all(np.isfinite(h)):
-            raise SpectraError(f"tensor '{name}' has values outside the float16 range; cannot store it in 16 bits")
-        return h
 
-    tensors["embed_tokens.weight"] = f16("embed_tokens.weight", sd["embed_tokens.weight"])
-    tensors["norm.weight"] = sd["norm.weight"].float().numpy()
+def _pack_tensors(cfg: ModelConfig, sd: dict, fmt: str, head: str, progress: bool):
+    """(tensors to store, packed.json's ``linear`` table, bits per linear weight)."""
+    import torch
+    from tqdm import tqdm
+
+    from spectra.ternary import dequantize, split_of
+
+    tensors: dict[str, np.ndarray] = {"embed_tokens.weight": _f16("embed_tokens.weight", sd["embed_tokens.weight"]),
+                                      "norm.weight": sd["norm.weight"].float().numpy()}
     for i in range(cfg.n_layers):
         for nn_ in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"layers.{i}.{nn_}.weight"] = sd[f"layers.{i}.{nn_}.weight"].float().numpy()
+    meta_t: dict[str, dict] = {}
     linear_bits = 0
     linear_params = 0
-    for name in tqdm(names, desc=f"pack {fmt}", disable=not progress, unit="mat"):
+    for name in tqdm(linear_names(cfg), desc=f"pack {fmt}", disable=not progress, unit="mat"):
         w = sd[f"{name}.weight"].float()
         split = split_of(name)
         q, gamma = _ternary_of(name, w, cfg.mp, split)
@@ -165,11 +158,29 @@ def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str =
         linear_params += w.numel()
     hw = sd["lm_head.weight"].float()
     if head == "f16":
-        tensors["lm_head.weight"] = f16("lm_head.weight", hw)
+        tensors["lm_head.weight"] = _f16("lm_head.weight", hw)
     else:
-        q8, sc = packing.quantize_head_q8(hw.numpy())
-        tensors["lm_head.q8"], tensors["lm_head.scale"] = q8, sc
+        tensors["lm_head.q8"], tensors["lm_head.scale"] = packing.quantize_head_q8(hw.numpy())
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    return tensors, meta_t, linear_bits / max(1, linear_params)
+
+
+def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str = "f16",
+                 progress: bool = True) -> dict:
+    """Pack a TriLM checkpoint directory into ``out`` atomically. Returns the metadata dict."""
+    from safetensors.numpy import save_file
+
+    from spectra.fsutil import atomic_dir, atomic_write_json
+    from spectra.store import family_of, find_tokenizer
+    from spectra.store.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILE
+
+    packing.check_format(fmt)
+    if head not in packing.HEADS:
+        raise SpectraError(f"unknown head format '{head}'; allowed: {', '.join(packing.HEADS)}")
+    ckpt = Path(ckpt)
+    cfg, d, sd = _read_checkpoint(ckpt, head)
+    src_dtype = str(sd["embed_tokens.weight"].dtype).removeprefix("torch.")
+    tensors, meta_t, bits_per_weight = _pack_tensors(cfg, sd, fmt, head, progress)
     sums = {k: {"dtype": _NP_TO_ST[v.dtype], "shape": list(v.shape), "sha256": hashlib.sha256(v.tobytes()).hexdigest()}
             for k, v in tensors.items()}
     spectra_meta = d.get("spectra") or {}
@@ -188,18 +199,19 @@ def write_packed(ckpt: str | Path, out: str | Path, fmt: str = "t2", head: str =
         "source": {"checkpoint": str(ckpt.resolve()), "dtype": src_dtype,
                    **{k: spectra_meta[k] for k in ("step", "tokens") if k in spectra_meta}},
         "linear": meta_t,
-        "linear_bits_per_weight": linear_bits / max(1, linear_params),
+        "linear_bits_per_weight": bits_per_weight,
         "file": {"name": WEIGHTS},
         "tensors": sums,
     }
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    tok = find_tokenizer(ckpt)
+    with atomic_dir(Path(out)) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT_NAME, "weights": fmt})
         os.chmod(tmp / WEIGHTS, 0o666 & ~_umask())  # safetensors creates its files 0600
         meta["file"]["bytes"] = (tmp / WEIGHTS).stat().st_size
-        for tok in ("tokenizer.json", "tokenizer_config.json"):
-            if (ckpt / tok).exists():
-                shutil.copyfile(ckpt / tok, tmp / tok)
+        if tok is not None:
+            shutil.copyfile(tok, tmp / TOKENIZER_FILE)
+        if (ckpt / TOKENIZER_CONFIG).is_file():  # the encoding settings travel with the tokenizer
+            shutil.copyfile(ckpt / TOKENIZER_CONFIG, tmp / TOKENIZER_CONFIG)
         atomic_write_json(tmp / PACKED_JSON, meta)
     return meta
 

@@ -181,14 +181,13 @@ def read_packed_state(path: str | Path, dtype: torch.dtype | None = None) -> tup
 
 def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """Load a QuantLM (packed: dequantized on load; unpacked: a plain model dir) -> (Transformer, config dict)."""
-    from spectra.store import build_model, load_model, model_config_from_hf
-    from spectra.store.hfconfig import CONFIG_FILE
+    from spectra.store import build_model, load_model, read_model_config
 
     path = Path(path)
     if not is_packed_gptq(path):
         return load_model(path, dtype=dtype, device=device)
+    cfg, _ = read_model_config(path)  # the shape is checked before any weight is read
     sd, d = read_packed_state(path, dtype)
-    cfg = model_config_from_hf(d, str(path / CONFIG_FILE))
     return build_model(cfg, sd, dtype=dtype, device=device, source=str(path)), d
 
 

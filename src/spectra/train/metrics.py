@@ -69,7 +69,9 @@ def measured_cpu_peak(precision: str = "fp32", seconds: float = 0.25) -> float:
     if precision not in _CPU_PEAK:
         import torch
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        from spectra.train.precision import amp_dtype
+
+        dtype = amp_dtype(precision)
         a, b = torch.randn(512, 512).to(dtype), torch.randn(512, 512).to(dtype)
         for _ in range(3):
             a @ b

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from spectra.errors import SpectraError
+
+_COMPUTE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, device_type: str) -> str:
@@ -23,10 +25,18 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return precision
 
 
+def amp_dtype(precision: str) -> torch.dtype:
+    """The dtype the matmuls compute in under a resolved ``precision`` (fp32 | bf16 | fp16)."""
+    try:
+        return _COMPUTE[precision]
+    except KeyError:
+        raise SpectraError(f"precision '{precision}' is unknown; allowed: {', '.join(_COMPUTE)}") from None
+
+
 def autocast(precision: str, device_type: str):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=_AMP[precision])
+    return torch.autocast(device_type=device_type, dtype=amp_dtype(precision))
 
 
 @dataclass
