@@ -65,7 +65,7 @@ def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 def in_process(capsys, *args) -> str:
     """cli.main in this process: must return 2 with a one-line message (any exception fails the test)."""
     rc = main([str(a) for a in args])
-    # (train prints a 'note:' about bf16 on some CPUs before its checks)
+    # (train prints a 'note:' about bf16 on some CPUs after checking its config, before the memory check)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith(("[", "note:"))]
     assert rc == 2 and len(err) == 1, (rc, err)
     return err[0]

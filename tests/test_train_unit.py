@@ -233,9 +233,20 @@ def test_cli_suggests_bf16_only_where_it_is_fast(monkeypatch, tmp_path, capsys, 
 
     monkeypatch.setattr(spectra.train.cpu, "cpu_has_fast_bf16", lambda: fast_bf16)
     monkeypatch.setattr(spectra.train, "train", lambda cfg: tmp_path)  # the CLI wiring only
-    assert main(["train", "--preset", "nano", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+    assert main(["train", "--preset", "nano", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "1",
                  "--set", f"train.precision={precision}", "train.device=cpu"]) == 0
     assert ("train.precision=bf16" in capsys.readouterr().err) == noted
+
+
+def test_cli_bad_config_is_one_line_before_the_bf16_note(monkeypatch, tmp_path, capsys):
+    import spectra.train.cpu
+    from spectra.cli import main
+
+    monkeypatch.setattr(spectra.train.cpu, "cpu_has_fast_bf16", lambda: True)
+    assert main(["train", "--preset", "nano", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--steps", "1",
+                 "optim.lr=-1", "train.device=cpu"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "optim.lr" in err[0], err
 
 
 @pytest.mark.parametrize("family", ["floatlm", "trilm"])

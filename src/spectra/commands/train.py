@@ -71,7 +71,9 @@ def run(args) -> int:
     import os
 
     from spectra.train import train
+    from spectra.train.config import validate
 
+    validate(cfg)  # a bad config is one line, before any note below (train() checks it again: cheap)
     if int(os.environ.get("RANK", "0")) == 0 and cfg.train.precision in ("auto", "fp32"):
         import sys
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from spectra.errors import SpectraError
-from spectra.model import Transformer, apply_rope, rope_tables
+from spectra.model import Transformer
 
 _MIN_CAPACITY = 64
 
@@ -62,8 +62,6 @@ class TorchBatchEngine:
         self.vocab_size = self.cfg.vocab_size
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
-        # Own tables sized for max_len: same values as the model's (elementwise outer product).
-        self.cos, self.sin = rope_tables(self.cfg.head_dim, self.max_len, self.cfg.rope_theta, self.device)
         self._k: list[list[torch.Tensor] | None] = [None] * self.max_seqs
         self._v: list[list[torch.Tensor] | None] = [None] * self.max_seqs
         self._len = [0] * self.max_seqs
@@ -159,7 +157,7 @@ class TorchBatchEngine:
         return logits
 
     def _forward(self, items: list[tuple[int, list[int]]]) -> np.ndarray:
-        m, cfg = self.model, self.cfg
+        m = self.model
         spans, pos, o = [], [], 0
         for slot, toks in items:
             p = self._len[slot]
@@ -167,24 +165,21 @@ class TorchBatchEngine:
             pos.extend(range(p, p + len(toks)))
             o += len(toks)
         idx = torch.tensor([t for _, toks in items for t in toks], dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(pos, dtype=torch.long, device=self.device)
-        cos, sin = self.cos[pos_t], self.sin[pos_t]  # [N, D]: each row its own position
-        x = m.embed_tokens(idx)  # [N, dim]
-        n, h, d = x.shape[0], cfg.n_heads, cfg.head_dim
+        pos_t = torch.tensor([pos], dtype=torch.long, device=self.device)
+        cos, sin = m.rope_at(pos_t)  # [1, 1, N, D]: each row its own position
+        x = m.embed_tokens(idx)[None]  # [1, N, dim]: all rows of the step as one sequence for the matmuls
         for li, layer in enumerate(m.layers):
             a = layer.self_attn
-            hn = layer.input_layernorm(x)
-            q = apply_rope(a.q_proj(hn).view(n, h, d).transpose(0, 1), cos, sin)  # [H, N, D]
-            k = apply_rope(a.k_proj(hn).view(n, h, d).transpose(0, 1), cos, sin)
-            v = a.v_proj(hn).view(n, h, d).transpose(0, 1)
+            q, k, v = (z[0] for z in a.qkv(layer.input_layernorm(x), cos, sin))  # [H, N, D]
             att = torch.empty_like(q)
             for slot, off, t, p in spans:
                 ck, cv = self._k[slot][li], self._v[slot][li]
                 ck[:, p : p + t] = k[:, off : off + t]
                 cv[:, p : p + t] = v[:, off : off + t]
                 att[:, off : off + t] = _attend(q[:, off : off + t], ck[:, : p + t], cv[:, : p + t], p, t)
-            x = x + a.o_proj(att.transpose(0, 1).reshape(n, -1))
+            x = x + a.out(att[None])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x[0]
         last = torch.tensor([off + t - 1 for _, off, t, _ in spans], dtype=torch.long, device=self.device)
         return m.lm_head(m.norm(x[last])).float().cpu().numpy()
 

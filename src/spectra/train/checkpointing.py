@@ -223,8 +223,9 @@ def prune(run_dir: Path, keep_last: int) -> list[Path]:
 
 def load_train_state(path: Path, model, optimizer, d) -> dict:
     """Restore model (latent weights) + optimizer from DCP and the RNG; returns state.json."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from spectra.validate import load_safetensors
 
     from . import safe_dcp
 
@@ -243,11 +244,21 @@ def load_train_state(path: Path, model, optimizer, d) -> dict:
     if not rng.exists():
         rng = path / "train_state" / "rng-rank0.safetensors"
     if rng.exists():
-        r = load_file(str(rng))
-        torch.set_rng_state(r["cpu"])
+        r = load_safetensors(rng)  # header checked by our own code before safetensors maps it
+        torch.set_rng_state(_rng_tensor(r, "cpu", torch.get_rng_state(), rng))
         if "cuda" in r and torch.cuda.is_available():
-            torch.cuda.set_rng_state(r["cuda"])
+            torch.cuda.set_rng_state(_rng_tensor(r, "cuda", torch.cuda.get_rng_state(), rng))
     return st
+
+
+def _rng_tensor(r: dict, key: str, like: torch.Tensor, path: Path) -> torch.Tensor:
+    """``r[key]`` if it has the dtype and shape of this torch's RNG state ``like``, else a one-line error."""
+    t = r.get(key)
+    if t is None or t.dtype != like.dtype or tuple(t.shape) != tuple(like.shape):
+        got = "missing" if t is None else f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+        raise SpectraError(f"'{path}': tensor '{key}' is {got}, not the {str(like.dtype).removeprefix('torch.')}"
+                           f"{list(like.shape)} RNG state this torch uses; pick another checkpoint")
+    return t
 
 
 def link_or_copy_model(src: Path, dst: Path) -> Path:
