@@ -49,6 +49,20 @@ RECIPES = {
 
 
 @pytest.fixture(scope="session")
+def words_data(tmp_path_factory) -> Path:
+    """A tiny training dataset from a random-word corpus (no shared data needed; read-only: share it)."""
+    import random
+
+    from spectra.data import build_dataset
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "ternary", "weights", "train", "model", "token", "shard"]
+    root = tmp_path_factory.mktemp("words")
+    (root / "c.txt").write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(120)))
+    return build_dataset(str(root / "c.txt"), root / "d", vocab_size=300, val_fraction=0.1, progress=False)
+
+
+@pytest.fixture(scope="session")
 def shakes_data(tmp_path_factory):
     """vocab (a SHAKES key) -> data directory built from tinyshakespeare (built once per session)."""
     cache: dict = {}

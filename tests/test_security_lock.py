@@ -6,7 +6,6 @@ that fails leaves no train_config.json behind, so a plain rerun is not refused."
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 import time
@@ -48,31 +47,16 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
     assert not lock.exists()  # removed on release
 
 
-def _corpus(path: Path) -> Path:
-    rng = random.Random(1)
-    words = ["alpha", "beta", "gamma", "delta", "ternary", "weights", "train", "model"]
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(120)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from spectra.data import build_dataset
-
-    root = tmp_path_factory.mktemp("lockdata")
-    return build_dataset(str(_corpus(root / "c.txt")), root / "d", vocab_size=300, val_fraction=0.1, progress=False)
-
-
-def _cfg(data_dir, run, **kw) -> TrainConfig:
+def _cfg(words_data, run, **kw) -> TrainConfig:
     return TrainConfig().override({
-        "out": str(run), "data.dir": str(data_dir), "data.seq_len": 32, "batch.global_tokens": 4 * 32,
+        "out": str(run), "data.dir": str(words_data), "data.seq_len": 32, "batch.global_tokens": 4 * 32,
         "batch.micro_batch": 4, "log.progress": False, "log.tensorboard": False, "train.threads": 1,
         "checkpoint.log_spaced": False, "checkpoint.every": 0, "eval.at_end": False, "train.precision": "fp32",
         **TINY, **kw})
 
 
-def _flat(data_dir, run, **kw) -> list[str]:
-    return [f"{k}={v}" for k, v in _cfg(data_dir, run, **kw).to_flat().items()]
+def _flat(words_data, run, **kw) -> list[str]:
+    return [f"{k}={v}" for k, v in _cfg(words_data, run, **kw).to_flat().items()]
 
 
 def _cli(args) -> list[str]:
@@ -92,18 +76,18 @@ def _wait_for_lock(run: Path, p: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_two_trainings_of_one_run(data_dir, tmp_path, resume):
+def test_two_trainings_of_one_run(words_data, tmp_path, resume):
     run = tmp_path / "run"
     if resume:  # a finished short run, then two `--resume auto` to a longer schedule at once
-        train(_cfg(data_dir, run, **{"schedule.steps": 2}))
+        train(_cfg(words_data, run, **{"schedule.steps": 2}))
     extra = {"schedule.steps": 100000, "log.every": 1}
     if resume:
         extra["resume"] = "auto"
-    first = subprocess.Popen(_cli(_flat(data_dir, run, **extra)), env=ENV, stdout=subprocess.DEVNULL,
+    first = subprocess.Popen(_cli(_flat(words_data, run, **extra)), env=ENV, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_lock(run, first)
-        second = subprocess.run(_cli(_flat(data_dir, run, **extra)), env=ENV, capture_output=True, text=True,
+        second = subprocess.run(_cli(_flat(words_data, run, **extra)), env=ENV, capture_output=True, text=True,
                                 timeout=300)
         assert first.poll() is None  # the holder is undisturbed
     finally:
@@ -115,11 +99,11 @@ def test_two_trainings_of_one_run(data_dir, tmp_path, resume):
     assert f"pid {first.pid}, `spectra train`, started " in err[0], err[0]
 
 
-def test_failed_start_leaves_no_config_behind(data_dir, tmp_path, monkeypatch):
+def test_failed_start_leaves_no_config_behind(words_data, tmp_path, monkeypatch):
     import spectra.train.trainer as tr
 
     run = tmp_path / "run"
-    cfg = _cfg(data_dir, run, **{"schedule.steps": 2})
+    cfg = _cfg(words_data, run, **{"schedule.steps": 2})
 
     def broken(plan, cfg):
         raise SpectraError("model.init_from 'x' is broken")
@@ -134,15 +118,15 @@ def test_failed_start_leaves_no_config_behind(data_dir, tmp_path, monkeypatch):
     assert [s for s, _ in list_checkpoints(run)] == [2]
 
 
-def test_train_out_policy(data_dir, tmp_path):
+def test_train_out_policy(words_data, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(SpectraError, match="non-empty directory that spectra train did not write"):
-        train(_cfg(data_dir, foreign, **{"schedule.steps": 1}))
+        train(_cfg(words_data, foreign, **{"schedule.steps": 1}))
     with pytest.raises(SpectraError, match="inside the input directory"):
-        train(_cfg(data_dir, Path(data_dir) / "run", **{"schedule.steps": 1}))
-    assert (foreign / "notes.txt").read_text() == "mine" and not (Path(data_dir) / "run").exists()
+        train(_cfg(words_data, Path(words_data) / "run", **{"schedule.steps": 1}))
+    assert (foreign / "notes.txt").read_text() == "mine" and not (Path(words_data) / "run").exists()
 
 
 def test_unusable_place_is_one_line(tmp_path):

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pickle
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,23 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"model.dim": 32, "model.n_layers": 1, "model.n_heads": 2, "model.ffn_dim": 64}
 
 
-def _corpus(path: Path) -> Path:
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "ternary", "weights", "train", "model", "token", "shard"]
-    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(120)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from spectra.data import build_dataset
-
-    root = tmp_path_factory.mktemp("secdata")
-    return build_dataset(str(_corpus(root / "c.txt")), root / "d", vocab_size=300, val_fraction=0.1, progress=False)
-
-
-def cfg_for(data_dir, out, **kw) -> TrainConfig:
-    base = {"out": str(out), "data.dir": str(data_dir), "data.seq_len": 32, "batch.global_tokens": 4 * 32,
+def cfg_for(words_data, out, **kw) -> TrainConfig:
+    base = {"out": str(out), "data.dir": str(words_data), "data.seq_len": 32, "batch.global_tokens": 4 * 32,
             "batch.micro_batch": 4, "log.progress": False, "log.tensorboard": False, "train.threads": 1,
             "checkpoint.log_spaced": False, "checkpoint.every": 0, "eval.at_end": False, **TINY}
     base.update(kw)
@@ -49,10 +33,10 @@ def cfg_for(data_dir, out, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
+def trained(words_data, tmp_path_factory):
     """A finished 2-step run (checkpoint at step 2), copied per test."""
     run = tmp_path_factory.mktemp("secrun") / "run"
-    train(cfg_for(data_dir, run, **{"schedule.steps": 2}))
+    train(cfg_for(words_data, run, **{"schedule.steps": 2}))
     return run
 
 
@@ -80,9 +64,9 @@ def _fix_sizes(ckpt: Path) -> None:
     st_file.write_text(json.dumps(st))
 
 
-def _resume_cli(data_dir, run) -> subprocess.CompletedProcess:
+def _resume_cli(words_data, run) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "spectra", "train"] + [
-        f"{k}={v}" for k, v in cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": "auto"}).to_flat().items()]
+        f"{k}={v}" for k, v in cfg_for(words_data, run, **{"schedule.steps": 3, "resume": "auto"}).to_flat().items()]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
@@ -95,17 +79,17 @@ def _assert_one_line_refusal(out: subprocess.CompletedProcess, marker: Path, wha
     assert what in lines[0], lines[0]
 
 
-def test_crafted_metadata_is_refused_and_runs_nothing(data_dir, trained, tmp_path):
+def test_crafted_metadata_is_refused_and_runs_nothing(words_data, trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     ckpt = list_checkpoints(run)[-1][1]
     marker = tmp_path / "pwned"
     (ckpt / "train_state" / "dcp" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
     _fix_sizes(ckpt)
-    out = _resume_cli(data_dir, run)
+    out = _resume_cli(words_data, run)
     _assert_one_line_refusal(out, marker, "posix.system")
     # --resume DIR takes the same path (in-process here)
     with pytest.raises(SpectraError, match=r"refers to 'posix.system'.*refusing it"):
-        train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": str(ckpt)}))
+        train(cfg_for(words_data, run, **{"schedule.steps": 3, "resume": str(ckpt)}))
     assert not marker.exists()
 
 
@@ -130,18 +114,18 @@ def _tamper_bytes_entry(ckpt: Path, payload: bytes) -> None:
     _fix_sizes(ckpt)
 
 
-def test_crafted_optimizer_value_is_refused_and_runs_nothing(data_dir, trained, tmp_path):
+def test_crafted_optimizer_value_is_refused_and_runs_nothing(words_data, trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     ckpt = list_checkpoints(run)[-1][1]
     marker = tmp_path / "pwned2"
     buf = io.BytesIO()
     torch.save(_Evil(marker), buf)  # what DCP's default planner would torch.load(weights_only=False)
     _tamper_bytes_entry(ckpt, buf.getvalue())
-    out = _resume_cli(data_dir, run)
+    out = _resume_cli(words_data, run)
     _assert_one_line_refusal(out, marker, "loading training state")
 
 
-def test_index_pointing_outside_the_checkpoint_is_refused(data_dir, trained, tmp_path):
+def test_index_pointing_outside_the_checkpoint_is_refused(words_data, trained, tmp_path):
     from spectra.train.safe_dcp import read_metadata
 
     run = _copy_run(trained, tmp_path)
@@ -166,24 +150,24 @@ def test_garbage_metadata_gives_one_line_error(tmp_path, blob):
     assert "\n" not in str(e.value)
 
 
-def test_genuine_state_still_resumes(data_dir, trained, tmp_path):
+def test_genuine_state_still_resumes(words_data, trained, tmp_path):
     run = _copy_run(trained, tmp_path)
-    train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": "auto"}))
+    train(cfg_for(words_data, run, **{"schedule.steps": 3, "resume": "auto"}))
     assert [s for s, _ in list_checkpoints(run)][-1] == 3
 
 
 @pytest.mark.parametrize("state", ["[]", "{}", '{"files": {"../../etc/passwd": 1}}', "\xff not json",
                                    '{"files": {"model.safetensors": "big"}}'])
-def test_garbage_state_json_is_an_incomplete_checkpoint(data_dir, trained, tmp_path, state):
+def test_garbage_state_json_is_an_incomplete_checkpoint(words_data, trained, tmp_path, state):
     run = _copy_run(trained, tmp_path)
     ckpt = list_checkpoints(run)[-1][1]
     (ckpt / "train_state" / "state.json").write_text(state, encoding="utf-8", errors="surrogateescape")
     assert list_checkpoints(run) == []  # ignored by discovery, no traceback
     with pytest.raises(SpectraError, match="is incomplete"):
-        train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": str(ckpt)}))
+        train(cfg_for(words_data, run, **{"schedule.steps": 3, "resume": str(ckpt)}))
 
 
-def test_state_json_without_loader_is_refused(data_dir, trained, tmp_path):
+def test_state_json_without_loader_is_refused(words_data, trained, tmp_path):
     run = _copy_run(trained, tmp_path)
     ckpt = list_checkpoints(run)[-1][1]
     st_file = ckpt / "train_state" / "state.json"
@@ -191,4 +175,4 @@ def test_state_json_without_loader_is_refused(data_dir, trained, tmp_path):
     del st["loader"]
     st_file.write_text(json.dumps(st))
     with pytest.raises(SpectraError, match="lacks a valid step/loader/scaler"):
-        train(cfg_for(data_dir, run, **{"schedule.steps": 3, "resume": "auto"}))
+        train(cfg_for(words_data, run, **{"schedule.steps": 3, "resume": "auto"}))
